@@ -1,0 +1,301 @@
+#include "model/difformer.hpp"
+
+#include <cmath>
+
+#include "core/error.hpp"
+
+namespace dfm {
+
+namespace {
+constexpr float kLayerNormEps = 1e-5f;
+
+std::uint64_t mix_seed(std::uint64_t seed, std::uint64_t salt) {
+  std::uint64_t z = seed + 0x9e3779b97f4a7c15ULL * (salt + 1);
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+  return z ^ (z >> 31);
+}
+}  // namespace
+
+const char* kernel_name(Kernel k) {
+  switch (k) {
+    case Kernel::simple: return "simple";
+    case Kernel::sigmoid: return "sigmoid";
+    case Kernel::none: return "none";
+  }
+  return "?";
+}
+
+Kernel parse_kernel(const std::string& s) {
+  if (s == "simple") return Kernel::simple;
+  if (s == "sigmoid") return Kernel::sigmoid;
+  if (s == "none") return Kernel::none;
+  fail("--kernel: unknown kernel '", s, "', expected simple, sigmoid or none");
+}
+
+QkNorm parse_qk_norm(const std::string& s) {
+  if (s == "global") return QkNorm::global;
+  if (s == "node") return QkNorm::node;
+  fail("--qk-norm: unknown value '", s, "', expected global or node");
+}
+
+void ModelConfig::validate() const {
+  DFM_CHECK(in_features > 0, "model: input features must be positive (got ", in_features, ")");
+  DFM_CHECK(hidden > 0, "--hidden must be positive (got ", hidden, ")");
+  DFM_CHECK(out_features > 0, "model: output size must be positive (got ", out_features, ")");
+  DFM_CHECK(layers >= 0, "--layers must be >= 0 (got ", layers, ")");
+  DFM_CHECK(heads >= 1, "--heads must be >= 1 (got ", heads, ")");
+  DFM_CHECK(dropout >= 0.0f && dropout < 1.0f, "--dropout must be in [0, 1) (got ", dropout, ")");
+  DFM_CHECK(graph_weight <= 1.0f, "--graph-weight must be <= 1 (got ", graph_weight, ")");
+  DFM_CHECK(std::isfinite(alpha), "--alpha must be finite");
+}
+
+DIFFormer::DIFFormer(const ModelConfig& cfg) : cfg_(cfg) {
+  cfg_.validate();
+  const Index d = cfg_.hidden, hd = cfg_.heads * d;
+  // state_dict order of the official module: convs, fcs, bns
+  for (int l = 0; l < cfg_.layers; ++l) {
+    LayerSlots s;
+    const std::string p = "convs." + std::to_string(l) + ".";
+    s.wk = params.add(p + "Wk.weight", hd, d);
+    s.bk = params.add(p + "Wk.bias", hd, 1);
+    s.wq = params.add(p + "Wq.weight", hd, d);
+    s.bq = params.add(p + "Wq.bias", hd, 1);
+    if (cfg_.use_weight) {
+      s.wv = params.add(p + "Wv.weight", hd, d);
+      s.bv = params.add(p + "Wv.bias", hd, 1);
+    }
+    layer_slots_.push_back(s);
+  }
+  fc_in_w_ = params.add("fcs.0.weight", d, cfg_.in_features);
+  fc_in_b_ = params.add("fcs.0.bias", d, 1);
+  fc_out_w_ = params.add("fcs.1.weight", cfg_.out_features, d);
+  fc_out_b_ = params.add("fcs.1.bias", cfg_.out_features, 1);
+  ln_in_g_ = params.add("bns.0.weight", d, 1);
+  ln_in_b_ = params.add("bns.0.bias", d, 1);
+  for (int l = 0; l < cfg_.layers; ++l) {
+    layer_slots_[l].ln_g = params.add("bns." + std::to_string(l + 1) + ".weight", d, 1);
+    layer_slots_[l].ln_b = params.add("bns." + std::to_string(l + 1) + ".bias", d, 1);
+  }
+  params.allocate();
+}
+
+void DIFFormer::init(std::mt19937_64& rng) {
+  auto uniform = [&](int w, int b, Index fan_in) {
+    const float bound = 1.0f / std::sqrt(static_cast<float>(fan_in));
+    std::uniform_real_distribution<float> dist(-bound, bound);
+    for (int s : {w, b}) {
+      float* p = params.ptr(s);
+      for (Index i = 0; i < params.slots[s].size(); ++i) p[i] = dist(rng);
+    }
+  };
+  auto layernorm = [&](int g, int b) {
+    params.mat(g).setOnes();
+    params.mat(b).setZero();
+  };
+  uniform(fc_in_w_, fc_in_b_, cfg_.in_features);
+  layernorm(ln_in_g_, ln_in_b_);
+  for (auto& s : layer_slots_) {
+    uniform(s.wk, s.bk, cfg_.hidden);
+    uniform(s.wq, s.bq, cfg_.hidden);
+    if (cfg_.use_weight) uniform(s.wv, s.bv, cfg_.hidden);
+    layernorm(s.ln_g, s.ln_b);
+  }
+  uniform(fc_out_w_, fc_out_b_, cfg_.hidden);
+}
+
+void DIFFormer::layer_forward(int l, const ModelInput& in, const Mat& h_in, bool training, std::uint64_t seed,
+                              LayerState* ls, Mat& h_out) {
+  const LayerSlots& s = layer_slots_[l];
+  const Index n = h_in.rows(), d = cfg_.hidden;
+  const int heads = cfg_.heads, vheads = value_heads();
+  const bool attention = cfg_.kernel != Kernel::none;
+  Mat& q = ls ? ls->q : scratch_q_;
+  Mat& k = ls ? ls->k : scratch_k_;
+  Mat& a = ls ? ls->a : scratch_a_;
+  Mat& o = scratch_o_;
+
+  const Mat* v = &h_in;  // without Wv the layer input is the single shared value head
+  if (cfg_.use_weight) {
+    Mat& vbuf = ls ? ls->v : scratch_v_;
+    cpu::linear_fwd(h_in, params.mat(s.wv), params.ptr(s.bv), vbuf);
+    v = &vbuf;
+  }
+  const bool mix = cfg_.graph_weight > 0 && cfg_.use_graph;
+  const float ca = mix ? 1.0f - cfg_.graph_weight : 1.0f;
+  const float cg = mix ? cfg_.graph_weight : 1.0f;
+
+  o.setZero(n, d);
+  if (attention) {
+    cpu::linear_fwd(h_in, params.mat(s.wq), params.ptr(s.bq), q);
+    cpu::linear_fwd(h_in, params.mat(s.wk), params.ptr(s.bk), k);
+    if (cfg_.kernel == Kernel::simple) {
+      SimpleAttnState local;
+      cpu::simple_attn_fwd(q, k, *v, heads, cfg_.qk_norm, a, ls ? ls->simple : local);
+      if (ls) {  // the normalised copies in the state are all backward needs
+        q.resize(0, 0);
+        k.resize(0, 0);
+      }
+    } else {
+      Mat local_rowsum;
+      cpu::sigmoid_attn_fwd(q, k, *v, heads, a, ls ? ls->rowsum : local_rowsum);
+    }
+    for (int h = 0; h < heads; ++h) o += (ca / heads) * a.middleCols(h * d, d);
+  }
+  if (cfg_.use_graph) {
+    DFM_CHECK(in.graph, "model: use_graph is on but the input has no graph (pass --no-graph or a file with edge_index)");
+    Mat& g = scratch_g_;
+    cpu::graph_prop(in.graph->adj, *v, g);
+    // heads sharing one value head see the same graph term: its head mean is itself
+    for (int h = 0; h < vheads; ++h) o += (cg / vheads) * g.middleCols(h * d, d);
+  }
+  Mat& z = scratch_g_;  // the graph term is consumed: reuse its buffer
+  if (cfg_.use_residual)
+    z = cfg_.alpha * o + (1.0f - cfg_.alpha) * h_in;
+  else
+    z = o;
+  if (cfg_.use_ln) {
+    Mat local_xhat;
+    Vec local_rstd;
+    cpu::layernorm_fwd(z, params.ptr(s.ln_g), params.ptr(s.ln_b), kLayerNormEps, h_out, ls ? ls->xhat : local_xhat,
+                       ls ? ls->rstd : local_rstd);
+  } else {
+    h_out = z;
+  }
+  if (training && cfg_.dropout > 0) {
+    std::vector<std::uint8_t> local_keep;
+    cpu::dropout_fwd(h_out, cfg_.dropout, mix_seed(seed, l + 1), ls ? ls->keep : local_keep);
+  }
+}
+
+void DIFFormer::forward(const ModelInput& in, bool training, std::uint64_t dropout_seed, ForwardState* state,
+                        Mat& logits, std::vector<Mat>* hidden) {
+  DFM_CHECK(in.dense || in.sparse, "model: no input features");
+  DFM_CHECK(in.features() == cfg_.in_features, "model: input has ", in.features(), " features, the model expects ",
+            cfg_.in_features);
+  DFM_CHECK(!in.graph || in.graph->nodes() == in.rows(), "model: graph has ", in.graph ? in.graph->nodes() : 0,
+            " nodes but the input has ", in.rows(), " rows");
+  const int layers = cfg_.layers;
+  std::vector<Mat> local(2);
+  if (state) {
+    state->hidden.resize(layers + 1);
+    state->layers.resize(layers);
+  }
+  auto h_at = [&](int l) -> Mat& { return state ? state->hidden[l] : local[l % 2]; };
+
+  Mat& h0 = h_at(0);
+  Mat x1;
+  if (in.dense)
+    cpu::linear_fwd(*in.dense, params.mat(fc_in_w_), params.ptr(fc_in_b_), cfg_.use_ln ? x1 : h0);
+  else
+    cpu::linear_sparse_fwd(*in.sparse, params.mat(fc_in_w_), params.ptr(fc_in_b_), cfg_.use_ln ? x1 : h0);
+  if (cfg_.use_ln) {
+    Mat xhat;
+    Vec rstd;
+    cpu::layernorm_fwd(x1, params.ptr(ln_in_g_), params.ptr(ln_in_b_), kLayerNormEps, h0,
+                       state ? state->in_xhat : xhat, state ? state->in_rstd : rstd);
+  }
+  cpu::relu_inplace(h0);
+  if (training && cfg_.dropout > 0) {
+    std::vector<std::uint8_t> keep;
+    cpu::dropout_fwd(h0, cfg_.dropout, mix_seed(dropout_seed, 0), state ? state->in_keep : keep);
+  }
+  if (hidden) hidden->assign(1, h0);
+  for (int l = 0; l < layers; ++l) {
+    layer_forward(l, in, h_at(l), training, dropout_seed, state ? &state->layers[l] : nullptr, h_at(l + 1));
+    if (hidden) hidden->push_back(h_at(l + 1));
+  }
+  cpu::linear_fwd(h_at(layers), params.mat(fc_out_w_), params.ptr(fc_out_b_), logits);
+}
+
+void DIFFormer::embed(const ModelInput& in, Mat& h) {
+  std::vector<Mat> hidden;
+  Mat logits;
+  forward(in, false, 0, nullptr, logits, &hidden);
+  h = std::move(hidden.back());
+}
+
+void DIFFormer::layer_backward(int l, const ModelInput& in, const Mat& h_in, LayerState& ls, Mat& dh_out,
+                               Mat& dh_in) {
+  const LayerSlots& s = layer_slots_[l];
+  const Index n = h_in.rows(), d = cfg_.hidden;
+  const int heads = cfg_.heads, vheads = value_heads();
+  const bool attention = cfg_.kernel != Kernel::none;
+  const bool mix = cfg_.graph_weight > 0 && cfg_.use_graph;
+  const float ca = mix ? 1.0f - cfg_.graph_weight : 1.0f;
+  const float cg = mix ? cfg_.graph_weight : 1.0f;
+
+  if (!ls.keep.empty()) cpu::dropout_bwd(dh_out, cfg_.dropout, ls.keep);
+  Mat dz;
+  if (cfg_.use_ln)
+    cpu::layernorm_bwd(ls.xhat, ls.rstd, params.ptr(s.ln_g), dh_out, dz, params.grad_ptr(s.ln_g),
+                       params.grad_ptr(s.ln_b));
+  else
+    dz = dh_out;
+  Mat& d_o = dz;  // d(conv output); dz is not needed afterwards
+  if (cfg_.use_residual) {
+    dh_in = (1.0f - cfg_.alpha) * dz;
+    d_o *= cfg_.alpha;
+  } else {
+    dh_in.setZero(n, d);
+  }
+  const Mat& v = cfg_.use_weight ? ls.v : h_in;
+  Mat dv = Mat::Zero(n, vheads * d);
+  if (cfg_.use_graph) {
+    Mat t;
+    cpu::graph_prop(in.graph->adj_t, d_o, t);
+    for (int h = 0; h < vheads; ++h) dv.middleCols(h * d, d) += (cg / vheads) * t;
+  }
+  Mat tmp;
+  if (attention) {
+    Mat da(n, heads * d);
+    for (int h = 0; h < heads; ++h) da.middleCols(h * d, d) = (ca / heads) * d_o;
+    Mat dq, dk, dv_attn;
+    if (cfg_.kernel == Kernel::simple)
+      cpu::simple_attn_bwd(v, heads, ls.a, ls.simple, da, dq, dk, dv_attn);
+    else
+      cpu::sigmoid_attn_bwd(ls.q, ls.k, v, heads, ls.a, ls.rowsum, da, dq, dk, dv_attn);
+    dv += dv_attn;
+    cpu::linear_bwd(h_in, params.mat(s.wq), dq, &tmp, params.grad_mat(s.wq), params.grad_ptr(s.bq));
+    dh_in += tmp;
+    cpu::linear_bwd(h_in, params.mat(s.wk), dk, &tmp, params.grad_mat(s.wk), params.grad_ptr(s.bk));
+    dh_in += tmp;
+  }
+  if (cfg_.use_weight) {
+    cpu::linear_bwd(h_in, params.mat(s.wv), dv, &tmp, params.grad_mat(s.wv), params.grad_ptr(s.bv));
+    dh_in += tmp;
+  } else {
+    dh_in += dv;
+  }
+}
+
+void DIFFormer::backward(const ModelInput& in, ForwardState& state, const Mat& dlogits) {
+  const int layers = cfg_.layers;
+  DFM_ASSERT(static_cast<int>(state.hidden.size()) == layers + 1);
+  Mat dh, dh_prev;
+  cpu::linear_bwd(state.hidden[layers], params.mat(fc_out_w_), dlogits, &dh, params.grad_mat(fc_out_w_),
+                  params.grad_ptr(fc_out_b_));
+  for (int l = layers - 1; l >= 0; --l) {
+    layer_backward(l, in, state.hidden[l], state.layers[l], dh, dh_prev);
+    std::swap(dh, dh_prev);
+  }
+  if (!state.in_keep.empty()) cpu::dropout_bwd(dh, cfg_.dropout, state.in_keep);
+  // ReLU backward from its (post-dropout) output: dropped entries already have zero gradient,
+  // and a kept entry is positive exactly when the ReLU output was.
+  cpu::relu_bwd_inplace(state.hidden[0], dh);
+  Mat dx1;
+  if (cfg_.use_ln)
+    cpu::layernorm_bwd(state.in_xhat, state.in_rstd, params.ptr(ln_in_g_), dh, dx1, params.grad_ptr(ln_in_g_),
+                       params.grad_ptr(ln_in_b_));
+  else
+    dx1 = std::move(dh);
+  if (in.dense) {
+    cpu::linear_bwd(*in.dense, params.mat(fc_in_w_), dx1, nullptr, params.grad_mat(fc_in_w_),
+                    params.grad_ptr(fc_in_b_));
+  } else {
+    DFM_CHECK(in.sparse_t, "model: sparse input needs its transpose for backward");
+    cpu::linear_sparse_bwd(*in.sparse_t, dx1, params.grad_mat(fc_in_w_), params.grad_ptr(fc_in_b_));
+  }
+}
+
+}  // namespace dfm

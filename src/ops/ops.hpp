@@ -1,0 +1,125 @@
+// The op families of DIFFormer, forward and backward, in two implementations with the same
+// semantics:
+//   dfm::ref  naive scalar loops in double precision: the specification the fast kernels and the
+//             CUDA kernels are tested against (and checked by central finite differences);
+//   dfm::cpu  float32 kernels on Eigen GEMMs + OpenMP.
+// Conventions for every backward: input gradients (dX, dQ, ...) are OVERWRITTEN; parameter
+// gradients (dW, db, dgamma, dbeta) are ACCUMULATED (+=), so that one flat gradient buffer can be
+// zeroed once per step. A [N, H, D] tensor is an [N, H*D] row-major matrix (head-major columns).
+#pragma once
+#include <cstdint>
+#include <vector>
+
+#include "core/tensor.hpp"
+
+namespace dfm {
+
+enum class QkNorm { global, node };
+
+// Graph operator of the DIFFormer graph term: adj(i, j) = w_ij / sqrt(d_i d_j) for every edge
+// j -> i (d = in-degree, edge weights not counted in d, non-finite factors set to 0), stored by
+// target rows, plus its transpose for the backward pass.
+template <typename T>
+struct GraphOpT {
+  CsrT<T> adj;    // rows = targets i, columns = sources j
+  CsrT<T> adj_t;  // rows = sources j, columns = targets i
+  Index nodes() const { return adj.rows; }
+};
+using GraphOp = GraphOpT<float>;
+using GraphOpD = GraphOpT<double>;
+
+// Builds the operator from edge_index (src = edges[e], dst = edges[E + e]) and optional weights.
+// Throws when an index is out of [0, n).
+template <typename T>
+GraphOpT<T> make_graph_op(Index n, const std::vector<std::int64_t>& src, const std::vector<std::int64_t>& dst,
+                          const std::vector<float>* weight = nullptr);
+
+// Saved state of the simple (DIFFormer-s) attention, reused by its backward.
+template <typename T>
+struct SimpleAttnStateT {
+  using M = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+  using V = Eigen::Matrix<T, Eigen::Dynamic, 1>;
+  M qn, kn;   // normalised q and k [N, H*D]
+  M kv;       // [H*D, Dv]: rows h*D..h*D+D-1 hold sum_l kn_l v_l^T of head h
+  M ks;       // [H, D]  sum_l kn_l
+  M vs;       // [H, Dv] sum_l v_l (per value head, repeated for shared values)
+  M den;      // [N, H]
+  V qnorm, knorm;  // global: 1 value; node: N*H values (row-major [N, H])
+};
+using SimpleAttnState = SimpleAttnStateT<float>;
+using SimpleAttnStateD = SimpleAttnStateT<double>;
+
+// ------------------------------------------------------------------------------------------
+namespace ref {
+// linear: Y = X W^T + b, W [out, in]; b may be empty.
+void linear_fwd(const MatD& x, const MatD& w, const VecD& b, MatD& y);
+void linear_bwd(const MatD& x, const MatD& w, const MatD& dy, MatD* dx, MatD& dw, VecD* db);
+void linear_sparse_fwd(const CsrD& x, const MatD& w, const VecD& b, MatD& y);
+void linear_sparse_bwd(const CsrD& x, const MatD& dy, MatD& dw, VecD* db);
+void layernorm_fwd(const MatD& x, const VecD& gamma, const VecD& beta, double eps, MatD& y);
+void layernorm_bwd(const MatD& x, const VecD& gamma, double eps, const MatD& dy, MatD& dx, VecD& dgamma,
+                   VecD& dbeta);
+void relu_fwd(const MatD& x, MatD& y);
+void relu_bwd(const MatD& y, const MatD& dy, MatD& dx);  // y = relu output
+void dropout_apply(const std::vector<std::uint8_t>& keep, double p, const MatD& x, MatD& y);
+void simple_attn_fwd(const MatD& q, const MatD& k, const MatD& v, int heads, QkNorm norm, MatD& a,
+                     SimpleAttnStateD& st);
+void simple_attn_bwd(const MatD& v, int heads, const MatD& a, const SimpleAttnStateD& st, const MatD& da,
+                     MatD& dq, MatD& dk, MatD& dv);
+void sigmoid_attn_fwd(const MatD& q, const MatD& k, const MatD& v, int heads, MatD& a, MatD& rowsum);
+void sigmoid_attn_bwd(const MatD& q, const MatD& k, const MatD& v, int heads, const MatD& a,
+                      const MatD& rowsum, const MatD& da, MatD& dq, MatD& dk, MatD& dv);
+void graph_prop(const CsrD& adj, const MatD& v, MatD& g);  // g = adj v
+double cross_entropy(const MatD& logits, const std::vector<std::int64_t>& y, const std::vector<std::int64_t>& idx,
+                     MatD& dlogits);
+double bce_with_logits(const MatD& logits, const MatD& y, const std::vector<std::int64_t>& idx, MatD& dlogits);
+double mse(const MatD& pred, const MatD& y, const std::vector<std::int64_t>& idx, MatD& dpred);
+}  // namespace ref
+
+// ------------------------------------------------------------------------------------------
+namespace cpu {
+using MatRef = Eigen::Ref<Mat>;
+using CMatRef = Eigen::Ref<const Mat>;
+
+void linear_fwd(CMatRef x, CMatRef w, const float* b, Mat& y);
+// dx may be null (first layer); dw, db accumulated; db may be null.
+void linear_bwd(CMatRef x, CMatRef w, CMatRef dy, Mat* dx, MatRef dw, float* db);
+void linear_sparse_fwd(const Csr& x, CMatRef w, const float* b, Mat& y);
+// x_t is the TRANSPOSE of the sparse input ([F, N]): the weight gradient is then a
+// conflict-free row-parallel gather, dW^T[f] = sum_i x(i, f) dy[i].
+void linear_sparse_bwd(const Csr& x_t, CMatRef dy, MatRef dw, float* db);
+
+// LayerNorm over columns; saves xhat (normalised input) and rstd for backward. y may alias
+// nothing else. x is not needed by backward.
+void layernorm_fwd(CMatRef x, const float* gamma, const float* beta, float eps, Mat& y, Mat& xhat, Vec& rstd);
+void layernorm_bwd(const Mat& xhat, const Vec& rstd, const float* gamma, CMatRef dy, Mat& dx, float* dgamma,
+                   float* dbeta);
+void relu_inplace(Mat& x);
+void relu_bwd_inplace(const Mat& y, Mat& dy);  // dy *= (y > 0)
+
+// Dropout with a counter-based hash: the mask depends only on (seed, element index), so it is
+// reproducible whatever the number of threads. keep is filled (1 = kept); x scaled in place.
+void dropout_fwd(Mat& x, float p, std::uint64_t seed, std::vector<std::uint8_t>& keep);
+void dropout_bwd(Mat& dx, float p, const std::vector<std::uint8_t>& keep);
+
+void simple_attn_fwd(const Mat& q, const Mat& k, const Mat& v, int heads, QkNorm norm, Mat& a,
+                     SimpleAttnState& st);
+void simple_attn_bwd(const Mat& v, int heads, const Mat& a, const SimpleAttnState& st, const Mat& da, Mat& dq,
+                     Mat& dk, Mat& dv);
+
+// Sigmoid (DIFFormer-a) attention streamed over blocks of keys: O(N*D) memory in both passes.
+// rowsum [N, H] = sum_j sigmoid(q_i . k_j), saved for backward.
+void sigmoid_attn_fwd(const Mat& q, const Mat& k, const Mat& v, int heads, Mat& a, Mat& rowsum);
+void sigmoid_attn_bwd(const Mat& q, const Mat& k, const Mat& v, int heads, const Mat& a, const Mat& rowsum,
+                      const Mat& da, Mat& dq, Mat& dk, Mat& dv);
+
+void graph_prop(const Csr& adj, CMatRef v, Mat& g);  // g = adj v (row-parallel gather)
+
+// Losses over the rows listed in idx (mean over them); dlogits is overwritten, zero outside idx.
+float cross_entropy(const Mat& logits, const std::vector<std::int64_t>& y, const std::vector<std::int64_t>& idx,
+                    Mat& dlogits);
+float bce_with_logits(const Mat& logits, const Mat& y, const std::vector<std::int64_t>& idx, Mat& dlogits);
+float mse(const Mat& pred, const Mat& y, const std::vector<std::int64_t>& idx, Mat& dpred);
+}  // namespace cpu
+
+}  // namespace dfm

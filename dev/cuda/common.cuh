@@ -25,7 +25,7 @@
 // after every kernel launch
 #define KERNEL_CHECK() CUDA_CHECK(cudaGetLastError())
 
-inline int ceil_div(long long a, long long b) { return (int)((a + b - 1) / b); }
+__host__ __device__ inline int ceil_div(long long a, long long b) { return (int)((a + b - 1) / b); }
 
 // ---------------------------------------------------------------------------------------------
 // deterministic device-side random init (splitmix64 hash of the index), uniform in [lo, hi)

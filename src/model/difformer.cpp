@@ -125,8 +125,11 @@ void DIFFormer::layer_forward(int l, const ModelInput& in, const Mat& h_in, bool
   const float ca = mix ? 1.0f - cfg_.graph_weight : 1.0f;
   const float cg = mix ? cfg_.graph_weight : 1.0f;
 
-  o.setZero(n, d);
-  if (attention) {
+  if (attention && fused_simple()) {
+    cpu::SimpleFusedState local;
+    cpu::simple_attn_fused_fwd(h_in, params.mat(s.wq), params.ptr(s.bq), params.mat(s.wk), params.ptr(s.bk), heads,
+                               a, ls ? ls->fused : local);
+  } else if (attention) {
     cpu::linear_fwd(h_in, params.mat(s.wq), params.ptr(s.bq), q);
     cpu::linear_fwd(h_in, params.mat(s.wk), params.ptr(s.bk), k);
     if (cfg_.kernel == Kernel::simple) {
@@ -140,20 +143,28 @@ void DIFFormer::layer_forward(int l, const ModelInput& in, const Mat& h_in, bool
       Mat local_rowsum;
       cpu::sigmoid_attn_fwd(q, k, *v, heads, a, ls ? ls->rowsum : local_rowsum);
     }
-    for (int h = 0; h < heads; ++h) o += (ca / heads) * a.middleCols(h * d, d);
   }
+  Mat& g = scratch_g_;
   if (cfg_.use_graph) {
     DFM_CHECK(in.graph, "model: use_graph is on but the input has no graph (pass --no-graph or a file with edge_index)");
-    Mat& g = scratch_g_;
     cpu::graph_prop(in.graph->adj, *v, g);
-    // heads sharing one value head see the same graph term: its head mean is itself
-    for (int h = 0; h < vheads; ++h) o += (cg / vheads) * g.middleCols(h * d, d);
   }
-  Mat& z = scratch_g_;  // the graph term is consumed: reuse its buffer
-  if (cfg_.use_residual)
-    z = cfg_.alpha * o + (1.0f - cfg_.alpha) * h_in;
-  else
-    z = o;
+  // z = alpha * (head mean of the attention and graph terms) + (1 - alpha) * h_in, in one pass.
+  // Heads sharing one value head see the same graph term: its head mean is itself.
+  Mat& z = o;
+  z.resize(n, d);
+  const float wa = ca / heads, wg = cg / vheads;
+  const float keep_in = cfg_.use_residual ? 1.0f - cfg_.alpha : 0.0f, scale = cfg_.use_residual ? cfg_.alpha : 1.0f;
+#pragma omp parallel for schedule(static)
+  for (Index i = 0; i < n; ++i) {
+    auto zi = z.row(i);
+    zi.setZero();
+    if (attention)
+      for (int h = 0; h < heads; ++h) zi += wa * a.row(i).segment(h * d, d);
+    if (cfg_.use_graph)
+      for (int h = 0; h < vheads; ++h) zi += wg * g.row(i).segment(h * d, d);
+    zi = scale * zi + keep_in * h_in.row(i);
+  }
   if (cfg_.use_ln) {
     Mat local_xhat;
     Vec local_rstd;
@@ -232,34 +243,48 @@ void DIFFormer::layer_backward(int l, const ModelInput& in, const Mat& h_in, Lay
                        params.grad_ptr(s.ln_b));
   else
     dz = dh_out;
-  Mat& d_o = dz;  // d(conv output); dz is not needed afterwards
-  if (cfg_.use_residual) {
-    dh_in = (1.0f - cfg_.alpha) * dz;
-    d_o *= cfg_.alpha;
-  } else {
-    dh_in.setZero(n, d);
+  // Through the residual mix: d(head mean) = scale * dz, dh_in starts at keep_in * dz.
+  const float keep_in = cfg_.use_residual ? 1.0f - cfg_.alpha : 0.0f, scale = cfg_.use_residual ? cfg_.alpha : 1.0f;
+  dh_in.resize(n, d);
+  Mat& d_o = dz;
+#pragma omp parallel for schedule(static)
+  for (Index i = 0; i < n; ++i) {
+    dh_in.row(i) = keep_in * dz.row(i);
+    d_o.row(i) *= scale;
   }
   const Mat& v = cfg_.use_weight ? ls.v : h_in;
-  Mat dv = Mat::Zero(n, vheads * d);
+  Mat& dv = scratch_v_;  // gradient of the value tensor, [N, vheads * D]
+  Mat& tmp = scratch_q_;
   if (cfg_.use_graph) {
-    Mat t;
-    cpu::graph_prop(in.graph->adj_t, d_o, t);
-    for (int h = 0; h < vheads; ++h) dv.middleCols(h * d, d) += (cg / vheads) * t;
+    cpu::graph_prop(in.graph->adj_t, d_o, tmp);
+    dv.resize(n, vheads * d);
+    for (int h = 0; h < vheads; ++h) dv.middleCols(h * d, d) = (cg / vheads) * tmp;
+  } else {
+    dv.setZero(n, vheads * d);
   }
-  Mat tmp;
   if (attention) {
-    Mat da(n, heads * d);
-    for (int h = 0; h < heads; ++h) da.middleCols(h * d, d) = (ca / heads) * d_o;
-    Mat dq, dk, dv_attn;
-    if (cfg_.kernel == Kernel::simple)
-      cpu::simple_attn_bwd(v, heads, ls.a, ls.simple, da, dq, dk, dv_attn);
-    else
-      cpu::sigmoid_attn_bwd(ls.q, ls.k, v, heads, ls.a, ls.rowsum, da, dq, dk, dv_attn);
-    dv += dv_attn;
-    cpu::linear_bwd(h_in, params.mat(s.wq), dq, &tmp, params.grad_mat(s.wq), params.grad_ptr(s.bq));
-    dh_in += tmp;
-    cpu::linear_bwd(h_in, params.mat(s.wk), dk, &tmp, params.grad_mat(s.wk), params.grad_ptr(s.bk));
-    dh_in += tmp;
+    Mat& da = scratch_a_;
+    da.resize(n, heads * d);
+#pragma omp parallel for schedule(static)
+    for (Index i = 0; i < n; ++i)
+      for (int h = 0; h < heads; ++h) da.row(i).segment(h * d, d) = (ca / heads) * d_o.row(i);
+    if (fused_simple()) {
+      cpu::simple_attn_fused_bwd(h_in, params.mat(s.wq), params.ptr(s.bq), params.mat(s.wk), params.ptr(s.bk), heads,
+                                 ls.a, ls.fused, da, tmp, params.grad_mat(s.wq), params.grad_ptr(s.bq),
+                                 params.grad_mat(s.wk), params.grad_ptr(s.bk));
+      dh_in += tmp;
+    } else {
+      Mat dq, dk, dv_attn;
+      if (cfg_.kernel == Kernel::simple)
+        cpu::simple_attn_bwd(v, heads, ls.a, ls.simple, da, dq, dk, dv_attn);
+      else
+        cpu::sigmoid_attn_bwd(ls.q, ls.k, v, heads, ls.a, ls.rowsum, da, dq, dk, dv_attn);
+      dv += dv_attn;
+      cpu::linear_bwd(h_in, params.mat(s.wq), dq, &tmp, params.grad_mat(s.wq), params.grad_ptr(s.bq));
+      dh_in += tmp;
+      cpu::linear_bwd(h_in, params.mat(s.wk), dk, &tmp, params.grad_mat(s.wk), params.grad_ptr(s.bk));
+      dh_in += tmp;
+    }
   }
   if (cfg_.use_weight) {
     cpu::linear_bwd(h_in, params.mat(s.wv), dv, &tmp, params.grad_mat(s.wv), params.grad_ptr(s.bv));

@@ -33,6 +33,7 @@ struct ModelConfig {
   float alpha = 0.5f;
   float dropout = 0.0f;
   float graph_weight = -1.0f;  // <= 0: attention + graph; in (0, 1]: (1-g) attention + g graph
+  bool allow_folded = true;    // tests turn the folded DIFFormer-s kernel off to compare paths
   void validate() const;
 };
 
@@ -51,6 +52,7 @@ struct LayerState {
   Mat q, k, v;  // v only with use_weight; q, k only for the sigmoid kernel (simple keeps qn, kn)
   Mat a;        // global attention output per head [N, H*Dv]
   SimpleAttnState simple;
+  cpu::SimpleFusedState fused;  // simple kernel, global norm, no Wv: projections folded in
   Mat rowsum;   // sigmoid kernel
   Mat xhat;     // LayerNorm
   Vec rstd;
@@ -91,6 +93,12 @@ class DIFFormer {
                      LayerState* ls, Mat& h_out);
   void layer_backward(int l, const ModelInput& in, const Mat& h_in, LayerState& ls, Mat& dh_out, Mat& dh_in);
   int value_heads() const { return cfg_.use_weight ? cfg_.heads : 1; }
+  // DIFFormer-s as the official code runs it on citation graphs (global q/k norm, V = h) takes
+  // the folded kernel, which never forms Q and K.
+  bool fused_simple() const {
+    return cfg_.allow_folded && cfg_.kernel == Kernel::simple && cfg_.qk_norm == QkNorm::global &&
+           !cfg_.use_weight;
+  }
 
   ModelConfig cfg_;
   std::vector<LayerSlots> layer_slots_;

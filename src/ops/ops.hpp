@@ -115,6 +115,27 @@ void sigmoid_attn_bwd(const Mat& q, const Mat& k, const Mat& v, int heads, const
 
 void graph_prop(const Csr& adj, CMatRef v, Mat& g);  // g = adj v (row-parallel gather)
 
+// DIFFormer-s with the projections folded in, for the official configuration (global q/k norm)
+// WITHOUT a value projection (V = h, shared by all heads): Q = h Wq^T + bq and K = h Wk^T + bk are
+// never formed. Everything the attention needs over N reduces to the Gram matrix G = h^T h and
+// u = h^T 1, so forward is two GEMMs of N x D x D (G, then the rows) instead of four, and backward
+// two instead of eight (see docs/ALGEBRA.md). Same results as linear_fwd + simple_attn_fwd.
+struct SimpleFusedState {
+  Mat den;          // [N, H]
+  Mat kv;           // [H*D, D]: KV_h = Kn_h^T h
+  Mat ks;           // [H, D]
+  Mat gram;         // [D, D] G = h^T h
+  Vec u;            // [D]    h^T 1
+  double sq = 0, sk = 0;  // ||Q||_F, ||K||_F
+};
+void simple_attn_fused_fwd(const Mat& h, CMatRef wq, const float* bq, CMatRef wk, const float* bk, int heads,
+                           Mat& a, SimpleFusedState& st);
+// dh is OVERWRITTEN with the attention's whole contribution (through Q, K and V = h); dwq, dbq,
+// dwk, dbk are accumulated.
+void simple_attn_fused_bwd(const Mat& h, CMatRef wq, const float* bq, CMatRef wk, const float* bk, int heads,
+                           const Mat& a, const SimpleFusedState& st, const Mat& da, Mat& dh, MatRef dwq, float* dbq,
+                           MatRef dwk, float* dbk);
+
 // Losses over the rows listed in idx (mean over them); dlogits is overwritten, zero outside idx.
 float cross_entropy(const Mat& logits, const std::vector<std::int64_t>& y, const std::vector<std::int64_t>& idx,
                     Mat& dlogits);

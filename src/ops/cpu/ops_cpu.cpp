@@ -334,9 +334,7 @@ namespace {
 constexpr Index kQueryBlock = 128;
 constexpr Index kKeyBlock = 256;
 
-inline void sigmoid_inplace(Mat& s) {
-  s = (1.0f + (-s.array()).exp()).inverse().matrix();
-}
+inline void sigmoid_inplace(Mat& s) { s = s.array().logistic().matrix(); }
 }  // namespace
 
 void sigmoid_attn_fwd(const Mat& q, const Mat& k, const Mat& v, int heads, Mat& a, Mat& rowsum) {
@@ -385,7 +383,7 @@ void sigmoid_attn_bwd(const Mat& q, const Mat& k, const Mat& v, int heads, const
 #pragma omp parallel num_threads(threads)
   {
     const int t = omp_get_thread_num();
-    Mat s, dp, dqt;
+    Mat s, dp, dqt, da_scaled;
     Vec rinv, delta;
 #pragma omp for schedule(dynamic, 1) collapse(2)
     for (int h = 0; h < heads; ++h)
@@ -396,6 +394,7 @@ void sigmoid_attn_bwd(const Mat& q, const Mat& k, const Mat& v, int heads, const
         const auto dat = da.block(q0, h * dv, mq, dv);
         rinv = rowsum.block(q0, h, mq, 1).cwiseInverse();
         delta = (dat.array() * a.block(q0, h * dv, mq, dv).array()).rowwise().sum();
+        da_scaled = rinv.asDiagonal() * dat;  // dA_i / r_i: folds the normaliser into one small matrix
         dqt.setZero(mq, d);
         for (Index k0 = 0; k0 < n; k0 += kKeyBlock) {
           const Index mk = std::min(kKeyBlock, n - k0);
@@ -404,13 +403,12 @@ void sigmoid_attn_bwd(const Mat& q, const Mat& k, const Mat& v, int heads, const
           s.resize(mq, mk);
           s.noalias() = qt * kt.transpose();
           sigmoid_inplace(s);
-          dp.resize(mq, mk);
-          dp.noalias() = dat * vt.transpose();
-          // dV_j += sum_i (w_ij / r_i) dA_i
-          dv_part[t].block(k0, hv * dv, mk, dv).noalias() += (rinv.asDiagonal() * s).transpose() * dat;
+          // dV_j += sum_i w_ij dA_i / r_i
+          dv_part[t].block(k0, hv * dv, mk, dv).noalias() += s.transpose() * da_scaled;
           // dz_ij = w (1 - w) (dA_i . V_j - delta_i) / r_i
-          dp = ((dp.array().colwise() - delta.array()) * s.array() * (1.0f - s.array())).matrix();
-          dp = rinv.asDiagonal() * dp;
+          dp.resize(mq, mk);
+          dp.noalias() = da_scaled * vt.transpose();
+          dp = ((dp.array().colwise() - (delta.array() * rinv.array())) * s.array() * (1.0f - s.array())).matrix();
           dqt.noalias() += dp * kt;
           dk_part[t].block(k0, h * d, mk, d).noalias() += dp.transpose() * qt;
         }

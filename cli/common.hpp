@@ -5,6 +5,7 @@
 #include <string>
 #include <vector>
 
+#include "io/checkpoint.hpp"
 #include "model/difformer.hpp"
 
 namespace dfm::cli {
@@ -58,22 +59,7 @@ struct ModelFlags {
   }
 };
 
-inline json config_json(const ModelConfig& c) {
-  return json{{"kernel", kernel_name(c.kernel)},
-              {"layers", c.layers},
-              {"hidden", c.hidden},
-              {"heads", c.heads},
-              {"alpha", c.alpha},
-              {"dropout", c.dropout},
-              {"graph_weight", c.graph_weight},
-              {"qk_norm", c.qk_norm == QkNorm::global ? "global" : "node"},
-              {"use_graph", c.use_graph},
-              {"use_weight", c.use_weight},
-              {"use_ln", c.use_ln},
-              {"use_residual", c.use_residual},
-              {"in_features", c.in_features},
-              {"out_features", c.out_features}};
-}
+inline json config_json(const ModelConfig& c) { return model_config_to_json(c); }
 
 inline double mean_of(const std::vector<double>& v) { return std::accumulate(v.begin(), v.end(), 0.0) / v.size(); }
 inline double std_of(const std::vector<double>& v) {  // unbiased, as numpy std(ddof=1)

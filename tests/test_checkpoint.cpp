@@ -1,0 +1,69 @@
+// Checkpoints round-trip every parameter and the configuration; bad files are refused by name.
+#include <gtest/gtest.h>
+
+#include <cstdio>
+#include <filesystem>
+
+#include "core/error.hpp"
+#include "data/npz.hpp"
+#include "io/checkpoint.hpp"
+#include "test_util.hpp"
+
+namespace dfm {
+namespace {
+
+TEST(Checkpoint, RoundTripGivesIdenticalModel) {
+  ModelConfig cfg;
+  cfg.in_features = 5;
+  cfg.out_features = 3;
+  cfg.hidden = 8;
+  cfg.layers = 2;
+  cfg.heads = 2;
+  cfg.kernel = Kernel::sigmoid;
+  cfg.use_weight = true;
+  cfg.graph_weight = 0.3f;
+  DIFFormer model(cfg);
+  std::mt19937_64 rng(5);
+  model.init(rng);
+  const std::string path = (std::filesystem::temp_directory_path() / "dfm_ckpt_test.npz").string();
+  save_checkpoint(path, model, nlohmann::json{{"preprocess", "citation"}});
+  nlohmann::json meta;
+  auto loaded = load_checkpoint(path, &meta);
+  EXPECT_EQ(meta.at("preprocess"), "citation");
+  EXPECT_EQ(loaded->config().kernel, Kernel::sigmoid);
+  EXPECT_EQ(loaded->config().heads, 2);
+  EXPECT_FLOAT_EQ(loaded->config().graph_weight, 0.3f);
+  ASSERT_EQ(loaded->params.values.size(), model.params.values.size());
+  EXPECT_EQ(loaded->params.values, model.params.values);
+  // the same forward
+  Mat x = Mat::Random(9, 5), l1, l2;
+  std::vector<std::int64_t> src{0, 1, 2, 3}, dst{1, 2, 3, 0};
+  const GraphOp g = make_graph_op<float>(9, src, dst);
+  ModelInput in;
+  in.dense = &x;
+  in.graph = &g;
+  model.forward(in, false, 0, nullptr, l1);
+  loaded->forward(in, false, 0, nullptr, l2);
+  EXPECT_EQ(test::rel_err(l1, l2), 0.0);
+  std::remove(path.c_str());
+}
+
+TEST(Checkpoint, MissingParameterIsNamed) {
+  const std::string path = (std::filesystem::temp_directory_path() / "dfm_ckpt_bad.npz").string();
+  std::map<std::string, NpyArray> arrays;
+  arrays["config_json"] = NpyArray::from_string(R"({"in_features": 4, "out_features": 2, "hidden": 4, "layers": 1})");
+  write_npz(path, arrays);
+  try {
+    load_checkpoint(path);
+    FAIL() << "expected an error";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("convs.0.Wk.weight"), std::string::npos) << e.what();
+  }
+  arrays["config_json"] = NpyArray::from_string(R"({"in_features": 4, "out_features": 2, "kernel": "bogus"})");
+  write_npz(path, arrays);
+  EXPECT_THROW(load_checkpoint(path), Error);
+  std::remove(path.c_str());
+}
+
+}  // namespace
+}  // namespace dfm

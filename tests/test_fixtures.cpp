@@ -22,7 +22,7 @@ std::string fixture_name(std::string param) {  // "convs.0.Wq.weight" -> "convs_
 
 class Fixture : public ::testing::TestWithParam<std::string> {};
 
-void run_fixture(const std::string& file, bool sparse_input) {
+void run_fixture(const std::string& file, bool sparse_input, bool allow_folded = true) {
   const Npz z = read_npz(test::source_path("tests/fixtures/" + file));
   auto scalar = [&](const char* name) { return z.at(name).to_f64(name)[0]; };
   ModelConfig cfg;
@@ -36,6 +36,7 @@ void run_fixture(const std::string& file, bool sparse_input) {
   cfg.alpha = static_cast<float>(scalar("cfg__alpha"));
   cfg.use_weight = true;
   cfg.dropout = 0.0f;
+  cfg.allow_folded = allow_folded;
   DIFFormer model(cfg);
   for (size_t s = 0; s < model.params.slots.size(); ++s) {
     const auto& slot = model.params.slots[s];
@@ -101,6 +102,8 @@ void run_fixture(const std::string& file, bool sparse_input) {
 
 TEST_P(Fixture, DenseInputMatchesPyTorch) { run_fixture(GetParam(), false); }
 TEST_P(Fixture, SparseInputMatchesPyTorch) { run_fixture(GetParam(), true); }
+// the simple-kernel fixtures take the folded kernel by default: check the plain path too
+TEST_P(Fixture, PlainPathMatchesPyTorch) { run_fixture(GetParam(), true, false); }
 
 INSTANTIATE_TEST_SUITE_P(Golden, Fixture,
                          ::testing::Values("difformer_small_simple_graph.npz", "difformer_small_simple_nograph.npz",

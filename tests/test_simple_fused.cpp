@@ -15,12 +15,13 @@ namespace {
 struct Case {
   Index n, d;
   int heads;
+  bool value_projection;
 };
 
 class SimpleFused : public ::testing::TestWithParam<Case> {};
 
 TEST_P(SimpleFused, MatchesProjectThenAttend) {
-  const auto [n, d, heads] = GetParam();
+  const auto [n, d, heads, with_v] = GetParam();
   std::mt19937_64 rng(42 + n);
   std::normal_distribution<float> g(0.0f, 1.0f);
   auto randm = [&](Index r, Index c, float scale) {
@@ -30,6 +31,8 @@ TEST_P(SimpleFused, MatchesProjectThenAttend) {
   };
   const Mat h = randm(n, d, 1.0f), wq = randm(heads * d, d, 0.3f), wk = randm(heads * d, d, 0.3f);
   const Vec bq = randm(heads * d, 1, 0.3f), bk = randm(heads * d, 1, 0.3f);
+  const Mat wv = randm(heads * d, d, 0.3f);
+  const Vec bv = randm(heads * d, 1, 0.3f);
   const Mat da = randm(n, heads * d, 1.0f);
 
   // plain path in double: projections, reference attention, chain rule back through the linears
@@ -37,10 +40,18 @@ TEST_P(SimpleFused, MatchesProjectThenAttend) {
   MatD q, k, a_ref;
   ref::linear_fwd(hd, wqd, bq.cast<double>(), q);
   ref::linear_fwd(hd, wkd, bk.cast<double>(), k);
+  MatD vv = hd;
+  if (with_v) ref::linear_fwd(hd, wv.cast<double>(), bv.cast<double>(), vv);
   SimpleAttnStateD st_ref;
-  ref::simple_attn_fwd(q, k, hd, heads, QkNorm::global, a_ref, st_ref);
+  ref::simple_attn_fwd(q, k, vv, heads, QkNorm::global, a_ref, st_ref);
   MatD dq, dk, dv;
-  ref::simple_attn_bwd(hd, heads, a_ref, st_ref, da.cast<double>(), dq, dk, dv);
+  ref::simple_attn_bwd(vv, heads, a_ref, st_ref, da.cast<double>(), dq, dk, dv);
+  MatD dwv_ref = MatD::Zero(heads * d, d), dxv;
+  VecD dbv_ref = VecD::Zero(heads * d);
+  if (with_v) {
+    ref::linear_bwd(hd, wv.cast<double>(), dv, &dxv, dwv_ref, &dbv_ref);
+    dv = dxv;
+  }
   MatD dwq_ref = MatD::Zero(heads * d, d), dwk_ref = MatD::Zero(heads * d, d), dxq, dxk;
   VecD dbq_ref = VecD::Zero(heads * d), dbk_ref = VecD::Zero(heads * d);
   ref::linear_bwd(hd, wqd, dq, &dxq, dwq_ref, &dbq_ref);
@@ -51,19 +62,29 @@ TEST_P(SimpleFused, MatchesProjectThenAttend) {
   cpu::SimpleFusedState st;
   Mat dwq = Mat::Zero(heads * d, d), dwk = Mat::Zero(heads * d, d);
   Vec dbq = Vec::Zero(heads * d), dbk = Vec::Zero(heads * d);
-  cpu::simple_attn_fused_fwd(h, wq, bq.data(), wk, bk.data(), heads, a, st);
-  cpu::simple_attn_fused_bwd(h, wq, bq.data(), wk, bk.data(), heads, a, st, da, dh, dwq, dbq.data(), dwk,
-                             dbk.data());
+  Mat dwv = Mat::Zero(heads * d, d);
+  Vec dbv = Vec::Zero(heads * d);
+  cpu::FoldedProjections w{wq.data(), bq.data(), wk.data(), bk.data(), with_v ? wv.data() : nullptr,
+                           with_v ? bv.data() : nullptr};
+  cpu::FoldedGrads grads{dwq.data(), dbq.data(), dwk.data(), dbk.data(), dwv.data(), dbv.data()};
+  cpu::simple_attn_fused_fwd(h, w, heads, a, st);
+  cpu::simple_attn_fused_bwd(h, w, heads, a, st, da, dh, grads);
   EXPECT_LE(test::rel_err(a, a_ref), 1e-5);
   EXPECT_LE(test::rel_err(dh, dh_ref), 1e-4);
   EXPECT_LE(test::rel_err(dwq, dwq_ref), 1e-4) << "|dWq| = " << dwq_ref.norm();
   EXPECT_LE(test::rel_err(dbq, dbq_ref), 1e-4);
   EXPECT_LE(test::rel_err(dwk, dwk_ref), 1e-4) << "|dWk| = " << dwk_ref.norm();
   EXPECT_LE(test::rel_err(dbk, dbk_ref), 1e-4);
+  if (with_v) {
+    EXPECT_LE(test::rel_err(dwv, dwv_ref), 1e-4);
+    EXPECT_LE(test::rel_err(dbv, dbv_ref), 1e-4);
+  }
 }
 
 INSTANTIATE_TEST_SUITE_P(Shapes, SimpleFused,
-                         ::testing::Values(Case{7, 4, 1}, Case{50, 8, 2}, Case{300, 16, 3}, Case{3000, 32, 1}));
+                         ::testing::Values(Case{7, 4, 1, false}, Case{50, 8, 2, false}, Case{300, 16, 3, false},
+                                           Case{3000, 32, 1, false}, Case{7, 4, 1, true}, Case{50, 8, 2, true},
+                                           Case{300, 16, 3, true}, Case{3000, 32, 1, true}));
 
 }  // namespace
 }  // namespace dfm
@@ -71,16 +92,19 @@ INSTANTIATE_TEST_SUITE_P(Shapes, SimpleFused,
 namespace dfm {
 namespace {
 
-// Whole model without Wv (the citation configuration): folded kernel vs project-then-attend.
+// Whole model, with and without Wv, graph term plain and mixed: folded kernel vs
+// project-then-attend.
 TEST(SimpleFusedModel, SameLogitsAndGradientsAsPlainPath) {
-  for (int heads : {1, 2}) {
+  for (int variant = 0; variant < 6; ++variant) {
+    const int heads = 1 + variant % 2;
     ModelConfig cfg;
     cfg.in_features = 12;
     cfg.hidden = 16;
     cfg.out_features = 4;
     cfg.layers = 3;
     cfg.heads = heads;
-    cfg.use_weight = false;
+    cfg.use_weight = variant >= 2;
+    cfg.graph_weight = variant >= 4 ? 0.4f : -1.0f;
     cfg.dropout = 0.3f;
     const Index n = 90;
     std::mt19937_64 rng(7);
@@ -115,7 +139,7 @@ TEST(SimpleFusedModel, SameLogitsAndGradientsAsPlainPath) {
     }
     EXPECT_LE(test::rel_err(logits[1], logits[0]), 1e-5);
     const Eigen::Map<const Vec> g0(grads[0].data(), grads[0].size()), g1(grads[1].data(), grads[1].size());
-    EXPECT_LE(test::rel_err(g1, g0), 1e-4);
+    EXPECT_LE(test::rel_err(g1, g0), 1e-4) << "variant " << variant;
   }
 }
 

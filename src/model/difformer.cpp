@@ -9,6 +9,16 @@ namespace dfm {
 namespace {
 constexpr float kLayerNormEps = 1e-5f;
 
+Vec graph_row_sums(const Csr& adj) {
+  Vec r(adj.rows);
+  for (Index i = 0; i < adj.rows; ++i) {
+    float acc = 0;
+    for (Index e = adj.indptr[i]; e < adj.indptr[i + 1]; ++e) acc += adj.values[e];
+    r[i] = acc;
+  }
+  return r;
+}
+
 std::uint64_t mix_seed(std::uint64_t seed, std::uint64_t salt) {
   std::uint64_t z = seed + 0x9e3779b97f4a7c15ULL * (salt + 1);
   z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
@@ -116,7 +126,7 @@ void DIFFormer::layer_forward(int l, const ModelInput& in, const Mat& h_in, bool
   Mat& o = scratch_o_;
 
   const Mat* v = &h_in;  // without Wv the layer input is the single shared value head
-  if (cfg_.use_weight) {
+  if (cfg_.use_weight && !(attention && fused_simple())) {
     Mat& vbuf = ls ? ls->v : scratch_v_;
     cpu::linear_fwd(h_in, params.mat(s.wv), params.ptr(s.bv), vbuf);
     v = &vbuf;
@@ -125,10 +135,10 @@ void DIFFormer::layer_forward(int l, const ModelInput& in, const Mat& h_in, bool
   const float ca = mix ? 1.0f - cfg_.graph_weight : 1.0f;
   const float cg = mix ? cfg_.graph_weight : 1.0f;
 
-  if (attention && fused_simple()) {
+  const bool folded = attention && fused_simple();
+  if (folded) {
     cpu::SimpleFusedState local;
-    cpu::simple_attn_fused_fwd(h_in, params.mat(s.wq), params.ptr(s.bq), params.mat(s.wk), params.ptr(s.bk), heads,
-                               a, ls ? ls->fused : local);
+    cpu::simple_attn_fused_fwd(h_in, folded_projections(l), heads, a, ls ? ls->fused : local);
   } else if (attention) {
     cpu::linear_fwd(h_in, params.mat(s.wq), params.ptr(s.bq), q);
     cpu::linear_fwd(h_in, params.mat(s.wk), params.ptr(s.bk), k);
@@ -144,16 +154,34 @@ void DIFFormer::layer_forward(int l, const ModelInput& in, const Mat& h_in, bool
       cpu::sigmoid_attn_fwd(q, k, *v, heads, a, ls ? ls->rowsum : local_rowsum);
     }
   }
+  // The graph term's head mean, [N, D] (times cg below).
   Mat& g = scratch_g_;
   if (cfg_.use_graph) {
     DFM_CHECK(in.graph, "model: use_graph is on but the input has no graph (pass --no-graph or a file with edge_index)");
-    cpu::graph_prop(in.graph->adj, *v, g);
+    if (folded && cfg_.use_weight) {  // V never formed: (adj h) mean(Wv)^T + (adj 1) mean(bv)^T
+      Mat& ah = scratch_q_;
+      cpu::graph_prop(in.graph->adj, h_in, ah);
+      Mat wv_mean;
+      Vec bv_mean;
+      mean_value_map(l, wv_mean, bv_mean);
+      g.resize(n, d);
+      g.noalias() = ah * wv_mean.transpose();
+      const Vec rowsum = graph_row_sums(in.graph->adj);
+#pragma omp parallel for schedule(static)
+      for (Index i = 0; i < n; ++i) g.row(i) += rowsum[i] * bv_mean.transpose();
+    } else {
+      Mat& gv = scratch_k_;
+      cpu::graph_prop(in.graph->adj, *v, gv);
+      g.resize(n, d);
+      g = gv.middleCols(0, d);
+      for (int h = 1; h < vheads; ++h) g += gv.middleCols(h * d, d);
+      if (vheads > 1) g /= static_cast<float>(vheads);
+    }
   }
   // z = alpha * (head mean of the attention and graph terms) + (1 - alpha) * h_in, in one pass.
-  // Heads sharing one value head see the same graph term: its head mean is itself.
   Mat& z = o;
   z.resize(n, d);
-  const float wa = ca / heads, wg = cg / vheads;
+  const float wa = ca / heads;
   const float keep_in = cfg_.use_residual ? 1.0f - cfg_.alpha : 0.0f, scale = cfg_.use_residual ? cfg_.alpha : 1.0f;
 #pragma omp parallel for schedule(static)
   for (Index i = 0; i < n; ++i) {
@@ -161,8 +189,7 @@ void DIFFormer::layer_forward(int l, const ModelInput& in, const Mat& h_in, bool
     zi.setZero();
     if (attention)
       for (int h = 0; h < heads; ++h) zi += wa * a.row(i).segment(h * d, d);
-    if (cfg_.use_graph)
-      for (int h = 0; h < vheads; ++h) zi += wg * g.row(i).segment(h * d, d);
+    if (cfg_.use_graph) zi += cg * g.row(i);
     zi = scale * zi + keep_in * h_in.row(i);
   }
   if (cfg_.use_ln) {
@@ -252,6 +279,46 @@ void DIFFormer::layer_backward(int l, const ModelInput& in, const Mat& h_in, Lay
     dh_in.row(i) = keep_in * dz.row(i);
     d_o.row(i) *= scale;
   }
+  if (attention && fused_simple()) {
+    // Folded path: Q, K, V never formed; the attention returns its whole dh contribution.
+    Mat& da = scratch_a_;
+    da.resize(n, heads * d);
+#pragma omp parallel for schedule(static)
+    for (Index i = 0; i < n; ++i)
+      for (int h = 0; h < heads; ++h) da.row(i).segment(h * d, d) = (ca / heads) * d_o.row(i);
+    cpu::FoldedGrads grads{params.grad_ptr(s.wq), params.grad_ptr(s.bq), params.grad_ptr(s.wk),
+                           params.grad_ptr(s.bk), cfg_.use_weight ? params.grad_ptr(s.wv) : nullptr,
+                           cfg_.use_weight ? params.grad_ptr(s.bv) : nullptr};
+    Mat& tmp = scratch_q_;
+    cpu::simple_attn_fused_bwd(h_in, folded_projections(l), heads, ls.a, ls.fused, da, tmp, grads);
+    dh_in += tmp;
+    if (cfg_.use_graph) {
+      Mat& t = scratch_k_;
+      if (cfg_.use_weight) {
+        // g = (adj h) mean(Wv)^T + (adj 1) mean(bv)^T: dWv_h, dbv_h get 1/H of the mean's gradient
+        Mat wv_mean;
+        Vec bv_mean;
+        mean_value_map(l, wv_mean, bv_mean);
+        Mat& ah = scratch_v_;
+        cpu::graph_prop(in.graph->adj, h_in, ah);
+        Mat dwv(d, d);
+        cpu::tn_product(d_o, ah, dwv);
+        const Vec rowsum = graph_row_sums(in.graph->adj);
+        const Vec dbv = d_o.transpose() * rowsum;
+        for (int h = 0; h < heads; ++h) {
+          params.grad_mat(s.wv).middleRows(h * d, d) += (cg / heads) * dwv;
+          VecMap(params.grad_ptr(s.bv) + h * d, d) += (cg / heads) * dbv;
+        }
+        Mat dah = (cg * d_o) * wv_mean;
+        cpu::graph_prop(in.graph->adj_t, dah, t);
+      } else {
+        cpu::graph_prop(in.graph->adj_t, d_o, t);
+        t *= cg;
+      }
+      dh_in += t;
+    }
+    return;
+  }
   const Mat& v = cfg_.use_weight ? ls.v : h_in;
   Mat& dv = scratch_v_;  // gradient of the value tensor, [N, vheads * D]
   Mat& tmp = scratch_q_;
@@ -268,23 +335,16 @@ void DIFFormer::layer_backward(int l, const ModelInput& in, const Mat& h_in, Lay
 #pragma omp parallel for schedule(static)
     for (Index i = 0; i < n; ++i)
       for (int h = 0; h < heads; ++h) da.row(i).segment(h * d, d) = (ca / heads) * d_o.row(i);
-    if (fused_simple()) {
-      cpu::simple_attn_fused_bwd(h_in, params.mat(s.wq), params.ptr(s.bq), params.mat(s.wk), params.ptr(s.bk), heads,
-                                 ls.a, ls.fused, da, tmp, params.grad_mat(s.wq), params.grad_ptr(s.bq),
-                                 params.grad_mat(s.wk), params.grad_ptr(s.bk));
-      dh_in += tmp;
-    } else {
-      Mat dq, dk, dv_attn;
-      if (cfg_.kernel == Kernel::simple)
-        cpu::simple_attn_bwd(v, heads, ls.a, ls.simple, da, dq, dk, dv_attn);
-      else
-        cpu::sigmoid_attn_bwd(ls.q, ls.k, v, heads, ls.a, ls.rowsum, da, dq, dk, dv_attn);
-      dv += dv_attn;
-      cpu::linear_bwd(h_in, params.mat(s.wq), dq, &tmp, params.grad_mat(s.wq), params.grad_ptr(s.bq));
-      dh_in += tmp;
-      cpu::linear_bwd(h_in, params.mat(s.wk), dk, &tmp, params.grad_mat(s.wk), params.grad_ptr(s.bk));
-      dh_in += tmp;
-    }
+    Mat dq, dk, dv_attn;
+    if (cfg_.kernel == Kernel::simple)
+      cpu::simple_attn_bwd(v, heads, ls.a, ls.simple, da, dq, dk, dv_attn);
+    else
+      cpu::sigmoid_attn_bwd(ls.q, ls.k, v, heads, ls.a, ls.rowsum, da, dq, dk, dv_attn);
+    dv += dv_attn;
+    cpu::linear_bwd(h_in, params.mat(s.wq), dq, &tmp, params.grad_mat(s.wq), params.grad_ptr(s.bq));
+    dh_in += tmp;
+    cpu::linear_bwd(h_in, params.mat(s.wk), dk, &tmp, params.grad_mat(s.wk), params.grad_ptr(s.bk));
+    dh_in += tmp;
   }
   if (cfg_.use_weight) {
     cpu::linear_bwd(h_in, params.mat(s.wv), dv, &tmp, params.grad_mat(s.wv), params.grad_ptr(s.bv));
@@ -292,6 +352,35 @@ void DIFFormer::layer_backward(int l, const ModelInput& in, const Mat& h_in, Lay
   } else {
     dh_in += dv;
   }
+}
+
+cpu::FoldedProjections DIFFormer::folded_projections(int l) const {
+  const LayerSlots& s = layer_slots_[l];
+  cpu::FoldedProjections w;
+  w.wq = params.ptr(s.wq);
+  w.bq = params.ptr(s.bq);
+  w.wk = params.ptr(s.wk);
+  w.bk = params.ptr(s.bk);
+  if (cfg_.use_weight) {
+    w.wv = params.ptr(s.wv);
+    w.bv = params.ptr(s.bv);
+  }
+  return w;
+}
+
+void DIFFormer::mean_value_map(int l, Mat& wv_mean, Vec& bv_mean) const {
+  const LayerSlots& s = layer_slots_[l];
+  const Index d = cfg_.hidden;
+  const auto wv = params.mat(s.wv);
+  ConstVecMap bv(params.ptr(s.bv), cfg_.heads * d);
+  wv_mean = wv.middleRows(0, d);
+  bv_mean = bv.segment(0, d);
+  for (int h = 1; h < cfg_.heads; ++h) {
+    wv_mean += wv.middleRows(h * d, d);
+    bv_mean += bv.segment(h * d, d);
+  }
+  wv_mean /= static_cast<float>(cfg_.heads);
+  bv_mean /= static_cast<float>(cfg_.heads);
 }
 
 void DIFFormer::backward(const ModelInput& in, ForwardState& state, const Mat& dlogits) {

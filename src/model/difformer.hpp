@@ -93,12 +93,15 @@ class DIFFormer {
                      LayerState* ls, Mat& h_out);
   void layer_backward(int l, const ModelInput& in, const Mat& h_in, LayerState& ls, Mat& dh_out, Mat& dh_in);
   int value_heads() const { return cfg_.use_weight ? cfg_.heads : 1; }
-  // DIFFormer-s as the official code runs it on citation graphs (global q/k norm, V = h) takes
-  // the folded kernel, which never forms Q and K.
+  // DIFFormer-s with the official global q/k norm takes the folded kernel, which never forms
+  // Q, K or V (docs/ALGEBRA.md).
   bool fused_simple() const {
-    return cfg_.allow_folded && cfg_.kernel == Kernel::simple && cfg_.qk_norm == QkNorm::global &&
-           !cfg_.use_weight;
+    return cfg_.allow_folded && cfg_.kernel == Kernel::simple && cfg_.qk_norm == QkNorm::global;
   }
+  cpu::FoldedProjections folded_projections(int l) const;
+  // Head means of Wv and bv: with V_h = h Wv_h^T + bv_h the head mean of the graph terms is
+  // (adj h) mean(Wv)^T + (adj 1) mean(bv)^T.
+  void mean_value_map(int l, Mat& wv_mean, Vec& bv_mean) const;
 
   ModelConfig cfg_;
   std::vector<LayerSlots> layer_slots_;

@@ -114,27 +114,36 @@ void sigmoid_attn_bwd(const Mat& q, const Mat& k, const Mat& v, int heads, const
                       const Mat& da, Mat& dq, Mat& dk, Mat& dv);
 
 void graph_prop(const Csr& adj, CMatRef v, Mat& g);  // g = adj v (row-parallel gather)
+// out = a^T b for tall a [N, p], b [N, q], split over threads by rows (Eigen's GEMM would only
+// split the small p x q output).
+void tn_product(CMatRef a, CMatRef b, Mat& out);
 
-// DIFFormer-s with the projections folded in, for the official configuration (global q/k norm)
-// WITHOUT a value projection (V = h, shared by all heads): Q = h Wq^T + bq and K = h Wk^T + bk are
-// never formed. Everything the attention needs over N reduces to the Gram matrix G = h^T h and
-// u = h^T 1, so forward is two GEMMs of N x D x D (G, then the rows) instead of four, and backward
-// two instead of eight (see docs/ALGEBRA.md). Same results as linear_fwd + simple_attn_fwd.
+// DIFFormer-s with the projections folded in, for the official global q/k norm: Q = h Wq^T + bq,
+// K = h Wk^T + bk and V = h Wv^T + bv (or V = h, one head shared by all, when wv is null) are never
+// formed. Every sum over the N instances the attention needs reduces to the Gram matrix
+// G = h^T h and u = h^T 1, so forward costs two GEMMs of N x D x D and backward two, against five
+// and ten for project-then-attend (docs/ALGEBRA.md derives every line). Same results as
+// linear_fwd + simple_attn_fwd. Weights are [H*D, D] as torch.nn.Linear, biases [H*D].
+struct FoldedProjections {
+  const float *wq = nullptr, *bq = nullptr, *wk = nullptr, *bk = nullptr;
+  const float *wv = nullptr, *bv = nullptr;  // null: V = h
+};
+struct FoldedGrads {  // accumulated (+=); wv/bv only used with a value projection
+  float *wq = nullptr, *bq = nullptr, *wk = nullptr, *bk = nullptr, *wv = nullptr, *bv = nullptr;
+};
 struct SimpleFusedState {
   Mat den;          // [N, H]
-  Mat kv;           // [H*D, D]: KV_h = Kn_h^T h
-  Mat ks;           // [H, D]
-  Mat gram;         // [D, D] G = h^T h
-  Vec u;            // [D]    h^T 1
+  Mat kv;           // [H*D, D]: KV_h = Kn_h^T V_h
+  Mat ks;           // [H, D]   sum_l kn_l
+  Mat gram;         // [D, D]   G = h^T h
+  Vec u;            // [D]      h^T 1
   double sq = 0, sk = 0;  // ||Q||_F, ||K||_F
 };
-void simple_attn_fused_fwd(const Mat& h, CMatRef wq, const float* bq, CMatRef wk, const float* bk, int heads,
-                           Mat& a, SimpleFusedState& st);
-// dh is OVERWRITTEN with the attention's whole contribution (through Q, K and V = h); dwq, dbq,
-// dwk, dbk are accumulated.
-void simple_attn_fused_bwd(const Mat& h, CMatRef wq, const float* bq, CMatRef wk, const float* bk, int heads,
-                           const Mat& a, const SimpleFusedState& st, const Mat& da, Mat& dh, MatRef dwq, float* dbq,
-                           MatRef dwk, float* dbk);
+void simple_attn_fused_fwd(const Mat& h, const FoldedProjections& w, int heads, Mat& a, SimpleFusedState& st);
+// dh is OVERWRITTEN with the attention's whole contribution (through Q, K and V); the parameter
+// gradients are accumulated.
+void simple_attn_fused_bwd(const Mat& h, const FoldedProjections& w, int heads, const Mat& a,
+                           const SimpleFusedState& st, const Mat& da, Mat& dh, const FoldedGrads& g);
 
 // Losses over the rows listed in idx (mean over them); dlogits is overwritten, zero outside idx.
 float cross_entropy(const Mat& logits, const std::vector<std::int64_t>& y, const std::vector<std::int64_t>& idx,

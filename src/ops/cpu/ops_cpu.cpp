@@ -423,6 +423,11 @@ void sigmoid_attn_bwd(const Mat& q, const Mat& k, const Mat& v, int heads, const
   }
 }
 
+void tn_product(CMatRef a, CMatRef b, Mat& out) {
+  out.resize(a.cols(), b.cols());
+  tn_accumulate(a, b, out, false);
+}
+
 void graph_prop(const Csr& adj, CMatRef v, Mat& g) {
   g.resize(adj.rows, v.cols());
 #pragma omp parallel for schedule(dynamic, 256)

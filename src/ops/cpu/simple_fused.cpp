@@ -1,9 +1,9 @@
-// DIFFormer-s with the Q/K projections folded into D x D algebra (docs/ALGEBRA.md derives every
-// line). With V = h, every sum over the N instances that the attention needs is a product with h:
+// DIFFormer-s with the Q/K/V projections folded into D x D algebra (docs/ALGEBRA.md derives every
+// line). Every sum over the N instances the attention needs is a product with h:
 //   G = h^T h, u = h^T 1                         (forward)
 //   [h 1]^T [dnum dden]                          (backward)
-// so the per-layer cost over N is two GEMMs forward and two backward, against eight for
-// project-then-attend. The D x D pieces are O(H D^3), negligible next to O(N D^2).
+// so the per-layer cost over N is two GEMMs forward and two backward. The D x D pieces are
+// O(H D^3), negligible next to O(N D^2).
 #include <omp.h>
 
 #include <cmath>
@@ -30,41 +30,68 @@ Mat gram_tn(const Mat& a, const Mat& b) {
 }
 
 // ||h W^T + 1 b^T||_F from G and u, in double.
-double projected_norm(const Mat& gram, const Vec& u, CMatRef w, const float* b, Index n) {
+double projected_norm(const Mat& gram, const Vec& u, const ConstMatMap& w, const ConstVecMap& b, Index n) {
   const Eigen::MatrixXd wd = w.cast<double>();
-  const Eigen::VectorXd bd = ConstVecMap(b, w.rows()).cast<double>();
+  const Eigen::VectorXd bd = b.cast<double>();
   const double quad = ((wd * gram.cast<double>()).cwiseProduct(wd)).sum();
   const double cross = 2.0 * bd.dot(wd * u.cast<double>());
   const double s2 = quad + cross + static_cast<double>(n) * bd.squaredNorm();
   return std::sqrt(std::max(s2, 0.0));
 }
 
+struct Views {
+  ConstMatMap wq, wk;
+  ConstVecMap bq, bk;
+  bool has_v;
+  ConstMatMap wv;
+  ConstVecMap bv;
+  Views(const FoldedProjections& w, Index hd, Index d)
+      : wq(w.wq, hd, d),
+        wk(w.wk, hd, d),
+        bq(w.bq, hd),
+        bk(w.bk, hd),
+        has_v(w.wv != nullptr),
+        wv(w.wv ? w.wv : w.wq, hd, d),
+        bv(w.bv ? w.bv : w.bq, hd) {}
+};
+
 }  // namespace
 
-void simple_attn_fused_fwd(const Mat& h, CMatRef wq, const float* bq, CMatRef wk, const float* bk, int heads,
-                           Mat& a, SimpleFusedState& st) {
+void simple_attn_fused_fwd(const Mat& h, const FoldedProjections& w, int heads, Mat& a, SimpleFusedState& st) {
   const Index n = h.rows(), d = h.cols(), hd = heads * d;
-  DFM_ASSERT(wq.rows() == hd && wq.cols() == d && wk.rows() == hd && wk.cols() == d);
+  const Views v(w, hd, d);
   st.gram = gram_tn(h, h);
   st.u = h.colwise().sum().transpose();
-  st.sq = projected_norm(st.gram, st.u, wq, bq, n);
-  st.sk = projected_norm(st.gram, st.u, wk, bk, n);
+  st.sq = projected_norm(st.gram, st.u, v.wq, v.bq, n);
+  st.sk = projected_norm(st.gram, st.u, v.wk, v.bk, n);
   const float isq = static_cast<float>(1.0 / st.sq), isk = static_cast<float>(1.0 / st.sk);
-  ConstVecMap bqv(bq, hd), bkv(bk, hd);
+  const float fn = static_cast<float>(n);
   st.kv.resize(hd, d);
   st.ks.resize(heads, d);
   // Row map: [num_1 .. num_H | den_1 .. den_H] = h B + 1 c^T
   Mat b(d, hd + heads);
   Eigen::RowVectorXf c(hd + heads);
   for (int hh = 0; hh < heads; ++hh) {
-    const auto wq_h = wq.middleRows(hh * d, d), wk_h = wk.middleRows(hh * d, d);
+    const auto wq_h = v.wq.middleRows(hh * d, d), wk_h = v.wk.middleRows(hh * d, d);
+    const auto bq_h = v.bq.segment(hh * d, d), bk_h = v.bk.segment(hh * d, d);
     auto kv = st.kv.middleRows(hh * d, d);
-    kv.noalias() = (wk_h * st.gram + bkv.segment(hh * d, d) * st.u.transpose()) * isk;
-    st.ks.row(hh) = ((wk_h * st.u + static_cast<float>(n) * bkv.segment(hh * d, d)) * isk).transpose();
+    const Vec ks = (wk_h * st.u + fn * bk_h) * isk;
+    st.ks.row(hh) = ks.transpose();
+    Vec vs;
+    if (v.has_v) {  // KV_h = Kn_h^T (h Wv_h^T + 1 bv_h^T)
+      const auto wv_h = v.wv.middleRows(hh * d, d);
+      const auto bv_h = v.bv.segment(hh * d, d);
+      const Mat kv0 = (wk_h * st.gram + bk_h * st.u.transpose()) * isk;
+      kv.noalias() = kv0 * wv_h.transpose() + ks * bv_h.transpose();
+      vs = wv_h * st.u + fn * bv_h;
+    } else {
+      kv.noalias() = (wk_h * st.gram + bk_h * st.u.transpose()) * isk;
+      vs = st.u;
+    }
     b.middleCols(hh * d, d).noalias() = wq_h.transpose() * kv * isq;
-    c.segment(hh * d, d) = (kv.transpose() * bqv.segment(hh * d, d) * isq + st.u).transpose();
-    b.col(hd + hh).noalias() = wq_h.transpose() * st.ks.row(hh).transpose() * isq;
-    c[hd + hh] = bqv.segment(hh * d, d).dot(st.ks.row(hh).transpose()) * isq + static_cast<float>(n);
+    c.segment(hh * d, d) = (kv.transpose() * bq_h * isq + vs).transpose();
+    b.col(hd + hh).noalias() = wq_h.transpose() * ks * isq;
+    c[hd + hh] = bq_h.dot(ks) * isq + fn;
   }
   a.resize(n, hd);
   st.den.resize(n, heads);
@@ -89,13 +116,12 @@ void simple_attn_fused_fwd(const Mat& h, CMatRef wq, const float* bq, CMatRef wk
   }
 }
 
-void simple_attn_fused_bwd(const Mat& h, CMatRef wq, const float* bq, CMatRef wk, const float* bk, int heads,
-                           const Mat& a, const SimpleFusedState& st, const Mat& da, Mat& dh, MatRef dwq, float* dbq,
-                           MatRef dwk, float* dbk) {
+void simple_attn_fused_bwd(const Mat& h, const FoldedProjections& w, int heads, const Mat& a,
+                           const SimpleFusedState& st, const Mat& da, Mat& dh, const FoldedGrads& g) {
   const Index n = h.rows(), d = h.cols(), hd = heads * d;
+  const Views v(w, hd, d);
   const float fn = static_cast<float>(n);
   const float isq = static_cast<float>(1.0 / st.sq), isk = static_cast<float>(1.0 / st.sk);
-  ConstVecMap bqv(bq, hd), bkv(bk, hd);
   // X = [dnum_1 .. dnum_H | dden_1 .. dden_H]
   Mat x(n, hd + heads);
 #pragma omp parallel for schedule(static)
@@ -106,33 +132,42 @@ void simple_attn_fused_bwd(const Mat& h, CMatRef wq, const float* bq, CMatRef wk
       x.row(i).segment(hh * d, d) = da_i / den;
       x(i, hd + hh) = -da_i.dot(a.row(i).segment(hh * d, d)) / den;
     }
-  const Mat s = gram_tn(h, x);                                // [D, HD+H]: R_h and r_h
-  const Eigen::RowVectorXf t = x.colwise().sum();             // t_h and tau_h
-  Mat dkv(hd, d), dks(heads, d);
+  const Mat s = gram_tn(h, x);                     // [D, HD+H]: R_h and r_h
+  const Eigen::RowVectorXf t = x.colwise().sum();  // t_h and tau_h
+  // Per head: dKV_h, dks_h; through the value map E_h = dKV_h Wv_h and f_h = dks_h + dKV_h bv_h
+  // (E_h = dKV_h, f_h = dks_h without one); hk_h = h^T Kn_h.
+  std::vector<Mat> dkv(heads), e(heads), hk(heads);
+  std::vector<Vec> dks(heads), f(heads);
   double gamma_q = 0, gamma_k = 0;
   for (int hh = 0; hh < heads; ++hh) {
-    const auto wq_h = wq.middleRows(hh * d, d), wk_h = wk.middleRows(hh * d, d);
-    const auto r_h = s.middleCols(hh * d, d);
-    auto dkv_h = dkv.middleRows(hh * d, d);
-    dkv_h.noalias() = (wq_h * r_h + bqv.segment(hh * d, d) * t.segment(hh * d, d)) * isq;
-    dks.row(hh) = ((wq_h * s.col(hd + hh) + bqv.segment(hh * d, d) * t[hd + hh]) * isq).transpose();
-    const Mat hk = (st.gram * wk_h.transpose() + st.u * bkv.segment(hh * d, d).transpose()) * isk;  // h^T Kn_h
-    gamma_q += static_cast<double>(st.kv.middleRows(hh * d, d).cwiseProduct(dkv_h).sum()) +
-               static_cast<double>(st.ks.row(hh).dot(dks.row(hh)));
-    gamma_k += static_cast<double>(dkv_h.transpose().cwiseProduct(hk).sum()) +
-               static_cast<double>(dks.row(hh).dot(st.ks.row(hh)));
+    const auto wq_h = v.wq.middleRows(hh * d, d), wk_h = v.wk.middleRows(hh * d, d);
+    const auto bq_h = v.bq.segment(hh * d, d), bk_h = v.bk.segment(hh * d, d);
+    dkv[hh] = (wq_h * s.middleCols(hh * d, d) + bq_h * t.segment(hh * d, d)) * isq;
+    dks[hh] = (wq_h * s.col(hd + hh) + bq_h * t[hd + hh]) * isq;
+    if (v.has_v) {
+      e[hh] = dkv[hh] * v.wv.middleRows(hh * d, d);
+      f[hh] = dks[hh] + dkv[hh] * v.bv.segment(hh * d, d);
+    } else {
+      e[hh] = dkv[hh];
+      f[hh] = dks[hh];
+    }
+    hk[hh] = (st.gram * wk_h.transpose() + st.u * bk_h.transpose()) * isk;
+    gamma_q += static_cast<double>(st.kv.middleRows(hh * d, d).cwiseProduct(dkv[hh]).sum()) +
+               static_cast<double>(st.ks.row(hh).dot(dks[hh].transpose()));
+    gamma_k += static_cast<double>(e[hh].transpose().cwiseProduct(hk[hh]).sum()) +
+               static_cast<double>(f[hh].dot(st.ks.row(hh).transpose()));
   }
   const float gq = static_cast<float>(gamma_q), gk = static_cast<float>(gamma_k);
   // Parameter gradients and the D x D maps of dh = X P + h Z + 1 z^T.
   Mat p(hd + heads, d), z = Mat::Zero(d, d);
   Vec zb = Vec::Zero(d);
-  VecMap dbqv(dbq, hd), dbkv(dbk, hd);
+  MatMap dwq(g.wq, hd, d), dwk(g.wk, hd, d);
+  VecMap dbq(g.bq, hd), dbk(g.bk, hd);
   for (int hh = 0; hh < heads; ++hh) {
-    const auto wq_h = wq.middleRows(hh * d, d), wk_h = wk.middleRows(hh * d, d);
+    const auto wq_h = v.wq.middleRows(hh * d, d), wk_h = v.wk.middleRows(hh * d, d);
+    const auto bq_h = v.bq.segment(hh * d, d), bk_h = v.bk.segment(hh * d, d);
     const auto kv_h = st.kv.middleRows(hh * d, d);
-    const auto dkv_h = dkv.middleRows(hh * d, d);
-    const Vec ks_h = st.ks.row(hh).transpose(), dks_h = dks.row(hh).transpose();
-    const auto bq_h = bqv.segment(hh * d, d), bk_h = bkv.segment(hh * d, d);
+    const Vec ks_h = st.ks.row(hh).transpose();
     const auto r_h = s.middleCols(hh * d, d);
     const Vec rr = s.col(hd + hh);
     const Vec t_h = t.segment(hh * d, d).transpose();
@@ -140,16 +175,27 @@ void simple_attn_fused_bwd(const Mat& h, CMatRef wq, const float* bq, CMatRef wk
     dwq.middleRows(hh * d, d).noalias() +=
         (kv_h * r_h.transpose() + ks_h * rr.transpose() - (gq * isq) * (wq_h * st.gram + bq_h * st.u.transpose())) *
         isq;
-    dbqv.segment(hh * d, d) += (kv_h * t_h + ks_h * tau - (gq * isq) * (wq_h * st.u + fn * bq_h)) * isq;
+    dbq.segment(hh * d, d) += (kv_h * t_h + ks_h * tau - (gq * isq) * (wq_h * st.u + fn * bq_h)) * isq;
     dwk.middleRows(hh * d, d).noalias() +=
-        (dkv_h * st.gram + dks_h * st.u.transpose() - (gk * isk) * (wk_h * st.gram + bk_h * st.u.transpose())) * isk;
-    dbkv.segment(hh * d, d) += (dkv_h * st.u + fn * dks_h - (gk * isk) * (wk_h * st.u + fn * bk_h)) * isk;
+        (e[hh] * st.gram + f[hh] * st.u.transpose() - (gk * isk) * (wk_h * st.gram + bk_h * st.u.transpose())) * isk;
+    dbk.segment(hh * d, d) += (e[hh] * st.u + fn * f[hh] - (gk * isk) * (wk_h * st.u + fn * bk_h)) * isk;
     p.middleRows(hh * d, d).noalias() = kv_h.transpose() * wq_h * isq;
     p.row(hd + hh) = (wq_h.transpose() * ks_h * isq).transpose();
-    z.noalias() += (-gq * isq * isq) * (wq_h.transpose() * wq_h) + (dkv_h.transpose() * wk_h) * isk -
-                   (gk * isk * isk) * (wk_h.transpose() * wk_h) + (wk_h.transpose() * dkv_h) * isk;
-    zb += (-gq * isq * isq) * (wq_h.transpose() * bq_h) + (wk_h.transpose() * dks_h) * isk -
-          (gk * isk * isk) * (wk_h.transpose() * bk_h) + (dkv_h.transpose() * bk_h) * isk + t_h;
+    // through Q (norm term), through K, and through V: dV_h = Kn_h dKV_h + 1 t_h^T
+    z.noalias() += (-gq * isq * isq) * (wq_h.transpose() * wq_h) + (e[hh].transpose() * wk_h) * isk -
+                   (gk * isk * isk) * (wk_h.transpose() * wk_h) + (wk_h.transpose() * e[hh]) * isk;
+    zb += (-gq * isq * isq) * (wq_h.transpose() * bq_h) + (wk_h.transpose() * f[hh]) * isk -
+          (gk * isk * isk) * (wk_h.transpose() * bk_h) + (e[hh].transpose() * bk_h) * isk;
+    if (v.has_v) {
+      const auto wv_h = v.wv.middleRows(hh * d, d);
+      zb += wv_h.transpose() * t_h;
+      MatMap dwv(g.wv, hd, d);
+      VecMap dbv(g.bv, hd);
+      dwv.middleRows(hh * d, d).noalias() += dkv[hh].transpose() * hk[hh].transpose() + t_h * st.u.transpose();
+      dbv.segment(hh * d, d) += dkv[hh].transpose() * ks_h + fn * t_h;
+    } else {
+      zb += t_h;
+    }
   }
   dh.resize(n, d);
   const int threads = omp_get_max_threads();

@@ -18,6 +18,7 @@
 #include <cmath>
 #include <cstdio>
 #include <functional>
+#include <limits>
 #include <map>
 #include <numeric>
 #include <random>
@@ -67,6 +68,10 @@ struct Rng {
 };
 
 MatD dbl(const Mat& m) { return m.cast<double>(); }
+// Outputs are prefilled with NaN of the right shape: an element a kernel forgets to write (or
+// accumulates into instead of overwriting) shows up as a non-finite value.
+Mat poison(Index r, Index c) { return Mat::Constant(r, c, std::numeric_limits<float>::quiet_NaN()); }
+Vec poison_vec(Index n) { return Vec::Constant(n, std::numeric_limits<float>::quiet_NaN()); }
 VecD dbl(const Vec& v) { return v.cast<double>(); }
 MatD as_row(const VecD& v) { return MatD(v.transpose()); }
 MatD as_row(const Vec& v) { return MatD(v.cast<double>().transpose()); }
@@ -119,7 +124,7 @@ const char* kind_name(TolKind k) {
 constexpr Tol kElementwise = mixed(1e-5);     // relu, dropout, losses, layernorm outputs
 constexpr Tol kReduction = rel_norm(1e-4);    // GEMM, reductions over N, attention, sparse products
 constexpr double kGradTol = 1e-6;             // finite differences, smooth elementwise / GEMM ops
-constexpr double kGradTolAttn = 1e-5;         // finite differences through attention / normalisation
+constexpr double kGradTolAttn = 1e-6;         // finite differences through attention / normalisation
 constexpr double kFdEps = 1e-6;
 
 struct Worst {
@@ -216,14 +221,14 @@ CompareCase linear_case(Index n, Index f, Index o, bool bias, bool with_dx, bool
             const MatD xd = dbl(Mat(x));
             std::vector<Check> out;
 
-            Mat y;
+            Mat y = poison(n, o);
             cpu::linear_fwd(x, w, bias ? b.data() : nullptr, y);
             MatD yr;
             ref::linear_fwd(xd, dbl(w), bias ? dbl(b) : VecD(), yr);
             out.push_back({"y", dbl(y), yr, kReduction});
 
             // dx overwritten (prefilled with garbage of the wrong shape), dw/db accumulated onto a base
-            Mat dx = Mat::Constant(2, 2, 777.0f), dw = dw0;
+            Mat dx = poison(n, f), dw = dw0;
             Vec db = db0;
             cpu::linear_bwd(x, w, dy, with_dx ? &dx : nullptr, dw, bias ? db.data() : nullptr);
             MatD dxr, dwr = dbl(dw0);
@@ -242,12 +247,41 @@ CompareCase linear_case(Index n, Index f, Index o, bool bias, bool with_dx, bool
             VecD dbz = VecD::Zero(o);
             ref::linear_bwd(xd, dbl(w), dbl(dy), nullptr, dwz, &dbz);
             out.push_back({"dw_twice", dbl(dw2), 2.0 * dwz, kReduction});
+            // dW as a view into a flat gradient buffer (as the model passes it): only its own
+            // slots change, by exactly the same amount
+            {
+              const Index guard = 5, size = o * f;
+              std::vector<float> flat(static_cast<size_t>(size + 2 * guard), 3.0f);
+              MatMap view(flat.data() + guard, o, f);
+              view = dw0;
+              Vec dbf = db0;
+              cpu::linear_bwd(x, w, dy, nullptr, view, bias ? dbf.data() : nullptr);
+              out.push_back({"dw_flat_buffer_view", dbl(Mat(view)), dbl(dw), absolute(0)});
+              Index touched = 0;
+              for (Index i = 0; i < guard; ++i) touched += (flat[i] != 3.0f) + (flat[guard + size + i] != 3.0f);
+              out.push_back({"dw_flat_buffer_guards", scalar(static_cast<double>(touched)), scalar(0), absolute(0)});
+            }
             out.push_back({"dw_twice_vs_2x_once", dbl(dw2), 2.0 * dbl(dw1), rel_norm(1e-6)});
             if (bias) {
               out.push_back({"db_twice", as_row(db2), as_row(VecD(2.0 * dbz)), kReduction});
               out.push_back({"db_twice_vs_2x_once", as_row(db2), as_row(Vec(2.0f * db1)), rel_norm(1e-6)});
             }
             return out;
+          }};
+}
+
+// ---- a^T b over tall matrices (per-thread partial products for N >= 2048) -------------------------
+CompareCase tn_product_case(Index n, Index p, Index q, bool strided, std::uint64_t seed) {
+  return {"tn_product_N" + std::to_string(n) + "_P" + std::to_string(p) + "_Q" + std::to_string(q) +
+              (strided ? "_strided" : ""),
+          "tn_product", [=] {
+            MinThreads threads(2);
+            Rng r(seed);
+            const Mat abig = r.mat(n, p + (strided ? 5 : 0)), b = r.mat(n, q);
+            const auto a = abig.middleCols(strided ? 2 : 0, p);
+            Mat out = poison(p, q);
+            cpu::tn_product(a, b, out);
+            return std::vector<Check>{{"out", dbl(out), MatD(dbl(Mat(a)).transpose() * dbl(b)), kReduction}};
           }};
 }
 
@@ -272,7 +306,7 @@ CompareCase linear_sparse_case(Index n, Index f, Index o, double density, bool b
             out.push_back({"density", scalar(static_cast<double>(xs.nnz()) / static_cast<double>(n * f)),
                            scalar(density * static_cast<double>(f - 2) / f * (n - 1) / n), absolute(0.01)});
 
-            Mat y;
+            Mat y = poison(n, o);
             cpu::linear_sparse_fwd(xs, w, bias ? b.data() : nullptr, y);
             MatD yr, yd;
             ref::linear_sparse_fwd(xsd, dbl(w), bias ? dbl(b) : VecD(), yr);
@@ -310,8 +344,8 @@ CompareCase layernorm_case(Index n, Index d, std::uint64_t seed) {
             const float eps = 1e-5f;
             std::vector<Check> out;
 
-            Mat y, xhat;
-            Vec rstd;
+            Mat y = poison(n, d), xhat = poison(n, d);
+            Vec rstd = poison_vec(n);
             cpu::layernorm_fwd(x, gamma.data(), beta.data(), eps, y, xhat, rstd);
             MatD yr, xhr;
             ref::layernorm_fwd(dbl(x), dbl(gamma), dbl(beta), eps, yr);
@@ -326,7 +360,7 @@ CompareCase layernorm_case(Index n, Index d, std::uint64_t seed) {
             out.push_back({"xhat", dbl(xhat), xhr, kElementwise});
             out.push_back({"rstd", as_row(rstd), as_row(rstd_r), kElementwise});
 
-            Mat dx = Mat::Constant(1, 3, 777.0f);
+            Mat dx = poison(n, d);
             Vec dg = dg0, db = db0;
             cpu::layernorm_bwd(xhat, rstd, gamma.data(), dy, dx, dg.data(), db.data());
             MatD dxr;
@@ -389,6 +423,10 @@ CompareCase dropout_case(float p, std::uint64_t seed) {
             out.push_back({"keep_flags_are_0_or_1", scalar(static_cast<double>(bad_flag)), scalar(0), absolute(0)});
             out.push_back(
                 {"zero_iff_dropped", scalar(static_cast<double>(zero_mismatch)), scalar(0), absolute(0)});
+            Index same_as_next = 0;
+            for (size_t i = 0; i + 1 < keep.size(); ++i) same_as_next += keep[i] == keep[i + 1];
+            out.push_back({"adjacent_elements_independent", scalar(same_as_next / (n - 1)),
+                           scalar(p * p + (1.0 - p) * (1.0 - p)), absolute(0.01)});
             MatD yr;
             ref::dropout_apply(keep, p, dbl(x), yr);  // kept scaled by 1/(1-p), dropped 0
             out.push_back({"y_vs_ref_apply", dbl(y), yr, mixed(1e-6)});
@@ -435,18 +473,33 @@ std::string value_tag(Index vcols, Index d) {
   return vcols < 0 ? "_vPerHead" : (vcols == d ? "_vShared" : "_vShared" + std::to_string(vcols));
 }
 
-CompareCase simple_attn_case(Index n, int heads, Index d, Index vcols, QkNorm norm, std::uint64_t seed) {
+// [N, H*Dv]: v repeated for every head when it is shared (one value head)
+MatD value_per_head(const MatD& v, int heads, bool shared) { return shared ? MatD(v.replicate(1, heads)) : v; }
+
+// zero_rows: one q row-head and one k row-head exactly zero (node norm: the 1e-12 clamp of
+// torch.nn.functional.normalize, whose backward has no projection term)
+CompareCase simple_attn_case(Index n, int heads, Index d, Index vcols, QkNorm norm, std::uint64_t seed,
+                             bool zero_rows = false) {
   const std::string name = "simple_attn_N" + std::to_string(n) + "_H" + std::to_string(heads) + "_D" +
                            std::to_string(d) + value_tag(vcols, d) +
-                           (norm == QkNorm::global ? "_globalnorm" : "_nodenorm");
+                           (norm == QkNorm::global ? "_globalnorm" : "_nodenorm") + (zero_rows ? "_zerorows" : "");
   return {name, "simple_attn", [=] {
             MinThreads threads(2);
             Rng r(seed);
-            const Mat q = r.mat(n, heads * d, -0.5, 1.0), k = r.mat(n, heads * d, -0.5, 1.0);
+            Mat q = r.mat(n, heads * d, -0.5, 1.0), k = r.mat(n, heads * d, -0.5, 1.0);
+            if (zero_rows) {
+              q.row(2).segment((heads - 1) * d, d).setZero();
+              k.row(3).segment(0, d).setZero();
+            }
             const Mat v = r.mat(n, vcols < 0 ? heads * d : vcols);
             std::vector<Check> out;
-            Mat a;
+            const Index dv_cols = vcols < 0 ? d : vcols;
+            Mat a = poison(n, heads * dv_cols);
             SimpleAttnState st;
+            st.kv = poison(heads * d, dv_cols);
+            st.ks = poison(heads, d);
+            st.vs = poison(heads, dv_cols);
+            st.den = poison(n, heads);
             cpu::simple_attn_fwd(q, k, v, heads, norm, a, st);
             MatD ar;
             SimpleAttnStateD sr;
@@ -456,27 +509,35 @@ CompareCase simple_attn_case(Index n, int heads, Index d, Index vcols, QkNorm no
             out.push_back({"state_kv", dbl(st.kv), sr.kv, kReduction});
 
             const Mat da = r.mat(n, a.cols());
-            Mat dq = Mat::Constant(1, 1, 777.0f), dk = dq, dv = dq;
+            Mat dq = poison(n, q.cols()), dk = poison(n, k.cols()), dv = poison(n, v.cols());
             cpu::simple_attn_bwd(v, heads, a, st, da, dq, dk, dv);
             MatD dqr, dkr, dvr;
             ref::simple_attn_bwd(dbl(v), heads, ar, sr, dbl(da), dqr, dkr, dvr);
-            out.push_back({"dq", dbl(dq), dqr, kReduction});
-            out.push_back({"dk", dbl(dk), dkr, kReduction});
+            if (n == 1) {
+              // one instance attends only to itself: a = v and a does not depend on q, k
+              out.push_back({"a_single_node_equals_v", dbl(a), value_per_head(dbl(v), heads, vcols >= 0), rel_norm(1e-6)});
+              out.push_back({"dq_single_node_zero", dbl(dq), MatD::Zero(n, q.cols()), absolute(1e-6)});
+              out.push_back({"dk_single_node_zero", dbl(dk), MatD::Zero(n, k.cols()), absolute(1e-6)});
+            } else {
+              out.push_back({"dq", dbl(dq), dqr, kReduction});
+              out.push_back({"dk", dbl(dk), dkr, kReduction});
+            }
             out.push_back({"dv", dbl(dv), dvr, kReduction});
             return out;
           }};
 }
 
 // ---- DIFFormer-a attention -----------------------------------------------------------------------
-CompareCase sigmoid_attn_case(Index n, int heads, Index d, Index vcols, std::uint64_t seed) {
+// scale: q, k uniform in [-scale, scale] (scale 3, D 8: logits of several units, saturated sigmoids)
+CompareCase sigmoid_attn_case(Index n, int heads, Index d, Index vcols, std::uint64_t seed, double scale = 1.0) {
   const std::string name = "sigmoid_attn_N" + std::to_string(n) + "_H" + std::to_string(heads) + "_D" +
-                           std::to_string(d) + value_tag(vcols, d);
+                           std::to_string(d) + value_tag(vcols, d) + (scale != 1.0 ? "_scale" + num(scale) : "");
   return {name, "sigmoid_attn", [=] {
             Rng r(seed);
-            const Mat q = r.mat(n, heads * d), k = r.mat(n, heads * d);
+            const Mat q = r.mat(n, heads * d, -scale, scale), k = r.mat(n, heads * d, -scale, scale);
             const Mat v = r.mat(n, vcols < 0 ? heads * d : vcols);
             std::vector<Check> out;
-            Mat a, rowsum;
+            Mat a = poison(n, heads * (vcols < 0 ? d : vcols)), rowsum = poison(n, heads);
             cpu::sigmoid_attn_fwd(q, k, v, heads, a, rowsum);
             MatD ar, rr;
             ref::sigmoid_attn_fwd(dbl(q), dbl(k), dbl(v), heads, ar, rr);
@@ -484,12 +545,19 @@ CompareCase sigmoid_attn_case(Index n, int heads, Index d, Index vcols, std::uin
             out.push_back({"rowsum", dbl(rowsum), rr, kReduction});
 
             const Mat da = r.mat(n, a.cols());
-            Mat dq = Mat::Constant(1, 1, 777.0f), dk = dq, dv = dq;
+            Mat dq = poison(n, q.cols()), dk = poison(n, k.cols()), dv = poison(n, v.cols());
             cpu::sigmoid_attn_bwd(q, k, v, heads, a, rowsum, da, dq, dk, dv);
             MatD dqr, dkr, dvr;
             ref::sigmoid_attn_bwd(dbl(q), dbl(k), dbl(v), heads, ar, rr, dbl(da), dqr, dkr, dvr);
-            out.push_back({"dq", dbl(dq), dqr, kReduction});
-            out.push_back({"dk", dbl(dk), dkr, kReduction});
+            if (n == 1) {
+              // one instance attends only to itself: a = v and a does not depend on q, k
+              out.push_back({"a_single_node_equals_v", dbl(a), value_per_head(dbl(v), heads, vcols >= 0), rel_norm(1e-6)});
+              out.push_back({"dq_single_node_zero", dbl(dq), MatD::Zero(n, q.cols()), absolute(1e-6)});
+              out.push_back({"dk_single_node_zero", dbl(dk), MatD::Zero(n, k.cols()), absolute(1e-6)});
+            } else {
+              out.push_back({"dq", dbl(dq), dqr, kReduction});
+              out.push_back({"dk", dbl(dk), dkr, kReduction});
+            }
             out.push_back({"dv", dbl(dv), dvr, kReduction});
             return out;
           }};
@@ -517,6 +585,7 @@ EdgeList random_graph(Index n, Index e, std::uint64_t seed) {
   add(0, n - 1);
   for (Index i = 0; i < e; ++i) add(r.integer(0, n - 1), r.integer(1, n - 1));
   for (Index i = 0; i < 6; ++i) add(g.src[3 + i], g.dst[3 + i]);  // duplicated edges
+  for (Index i = 1; i < n; i += 3) add(i, i);                         // some self-loops (not on node 0)
   return g;
 }
 
@@ -561,8 +630,15 @@ CompareCase graph_case(Index n, Index e, bool weighted, std::uint64_t seed) {
               out.push_back({"adj_t_float_is_transpose", densify(opf.adj_t), MatD(densify(opf.adj).transpose()),
                              absolute(0)});
             }
-            Mat gf;
+            Mat gf = poison(n, width);
             cpu::graph_prop(opf.adj, v, gf);
+            {  // v as a column block of a wider matrix (an Eigen::Ref with an outer stride)
+              Mat vbig = Mat::Zero(n, width + 4);
+              vbig.middleCols(3, width) = v;
+              Mat gs = poison(n, width);
+              cpu::graph_prop(opf.adj, vbig.middleCols(3, width), gs);
+              out.push_back({"g_strided_v", dbl(gs), dbl(gf), absolute(0)});
+            }
             MatD gr;
             ref::graph_prop(opd.adj, dbl(v), gr);
             out.push_back({"g", dbl(gf), gr, kReduction});
@@ -570,7 +646,7 @@ CompareCase graph_case(Index n, Index e, bool weighted, std::uint64_t seed) {
             out.push_back({"ref_g_vs_edge_list", gr, fwd, rel_norm(1e-14)});
             out.push_back({"g_zero_in_degree_row", dbl(Mat(gf.row(0))), MatD::Zero(1, width), absolute(0)});
             // backward of g = adj v: dv = adj^T dg, through adj_t
-            Mat dvf;
+            Mat dvf = poison(n, width);
             cpu::graph_prop(opf.adj_t, gout, dvf);
             MatD dvr;
             ref::graph_prop(opd.adj_t, dbl(gout), dvr);
@@ -592,7 +668,7 @@ CompareCase loss_case(LossKind kind, Index n, Index c, Index m, double scale, st
             const Mat logits = r.mat(n, c, -scale, scale);
             const std::vector<std::int64_t> idx = r.subset(n, m);
             std::vector<Check> out;
-            Mat dl = Mat::Constant(n, c, 777.0f);  // must be overwritten everywhere
+            Mat dl = poison(n, c);  // must be overwritten everywhere, zero outside idx
             MatD dlr;
             double loss = 0, loss_r = 0;
             if (kind == LossKind::cross_entropy) {
@@ -640,6 +716,9 @@ std::vector<CompareCase> compare_cases() {
   c.push_back(linear_case(50, 12, 8, true, true, true, 5));
   c.push_back(linear_case(3000, 24, 16, true, true, false, 6));
   c.push_back(linear_case(3000, 24, 16, false, false, false, 7));
+  c.push_back(tn_product_case(10, 4, 3, false, 8));
+  c.push_back(tn_product_case(5000, 8, 8, false, 9));
+  c.push_back(tn_product_case(5000, 16, 1, true, 10));
   // sparse input, ~5% density
   c.push_back(linear_sparse_case(400, 150, 12, 0.05, true, 11));
   c.push_back(linear_sparse_case(400, 150, 12, 0.05, false, 12));
@@ -660,6 +739,8 @@ std::vector<CompareCase> compare_cases() {
       c.push_back(simple_attn_case(n, 3, 8, 8, norm, s + 2));
       if (n == 97) c.push_back(simple_attn_case(n, 1, 8, 5, norm, s + 3));
     }
+  c.push_back(simple_attn_case(97, 3, 8, -1, QkNorm::node, 55, true));
+  c.push_back(simple_attn_case(97, 3, 8, 8, QkNorm::node, 56, true));
   // sigmoid attention: N not a multiple of the 128-query / 256-key blocks
   for (Index n : {Index{1}, Index{7}, Index{300}, Index{1000}}) {
     const std::uint64_t s = 60 + static_cast<std::uint64_t>(n);
@@ -668,6 +749,7 @@ std::vector<CompareCase> compare_cases() {
     c.push_back(sigmoid_attn_case(n, 2, 8, 8, s + 2));
     if (n == 300) c.push_back(sigmoid_attn_case(n, 1, 8, 5, s + 3));
   }
+  c.push_back(sigmoid_attn_case(300, 2, 8, -1, 65, 3.0));
   c.push_back(graph_case(50, 300, true, 71));
   c.push_back(graph_case(50, 300, false, 72));
   c.push_back(graph_case(3000, 30000, true, 73));
@@ -999,7 +1081,9 @@ void check_hand_graph(double tol) {
   // each stored coefficient of an edge out of node 0 is exactly 0, not NaN
   for (Index i = 0; i < 4; ++i)
     for (Index e = op.adj.indptr[i]; e < op.adj.indptr[i + 1]; ++e)
-      if (op.adj.indices[e] == 0) EXPECT_EQ(op.adj.values[e], T(0));
+      if (op.adj.indices[e] == 0) {
+        EXPECT_EQ(op.adj.values[e], T(0));
+      }
 
   // unweighted: 1 / sqrt(d_i d_j)
   const GraphOpT<T> u = make_graph_op<T>(4, kSrc4, kDst4);
@@ -1088,7 +1172,7 @@ TEST(OpSimpleAttn, RefMatchesExplicitWeightMatrix) {
         MatD a;
         SimpleAttnStateD st;
         ref::simple_attn_fwd(q, k, v, heads, norm, a, st);
-        const std::string where = "H" + std::to_string(heads) + value_tag(vcols, d) +
+        const std::string where = std::string("H") + std::to_string(heads) + value_tag(vcols, d) +
                                   (norm == QkNorm::global ? "_global" : "_node");
         expect_close("simple_attn_explicit", where, "ref_a", a, want, rel_norm(1e-13));
         expect_close("simple_attn_explicit", where, "ref_den", st.den, den_explicit, rel_norm(1e-13));
@@ -1137,7 +1221,7 @@ TEST(OpSigmoidAttn, RefMatchesExplicitFormula) {
       MatD rs_explicit, a, rs;
       const MatD want = sigmoid_attn_explicit(q, k, v, heads, rs_explicit);
       ref::sigmoid_attn_fwd(q, k, v, heads, a, rs);
-      const std::string where = "H" + std::to_string(heads) + value_tag(vcols, d);
+      const std::string where = std::string("H") + std::to_string(heads) + value_tag(vcols, d);
       expect_close("sigmoid_attn_explicit", where, "ref_a", a, want, rel_norm(1e-13));
       expect_close("sigmoid_attn_explicit", where, "ref_rowsum", rs, rs_explicit, rel_norm(1e-13));
     }
@@ -1187,6 +1271,14 @@ TEST(OpLoss, HandComputedValues) {
     EXPECT_NEAR(dl(2, 0), 2 * -3.0 / 2, 1e-6);
     EXPECT_EQ(dl(1, 0), 0.0f);
   }
+}
+
+TEST(OpLoss, EmptyIndexSetThrows) {
+  Mat dl;
+  const std::vector<std::int64_t> none;
+  EXPECT_THROW(cpu::cross_entropy(Mat::Zero(3, 2), {0, 1, 0}, none, dl), Error);
+  EXPECT_THROW(cpu::bce_with_logits(Mat::Zero(3, 2), Mat::Zero(3, 2), none, dl), Error);
+  EXPECT_THROW(cpu::mse(Mat::Zero(3, 2), Mat::Zero(3, 2), none, dl), Error);
 }
 
 // ---- the harness itself must be able to fail ------------------------------------------------

@@ -10,7 +10,13 @@ mkdir -p "$OUT"
 PY=$(command -v python3)
 PEER=$( [ -d shared/peer ] && echo shared/peer || echo ../shared/peer )
 nproc; lscpu | grep -E "Model name|Flags" | cut -c1-200
-cmake -S . -B build-dev -DCMAKE_BUILD_TYPE=Release -DDIFFORMER_TESTS=OFF > "$OUT/cmake.log" 2>&1
+# The GPU host has no Debian packages: use the carried .devdeps/ when there (see CMakeLists.txt).
+deps=()
+if [ -d .devdeps ]; then
+  deps=(-DDIFFORMER_DEPS_DIR="$PWD/.devdeps" -DZLIB_INCLUDE_DIR="$PWD/.devdeps/include" -DZLIB_LIBRARY="$PWD/.devdeps/lib/libz.so")
+  export LD_LIBRARY_PATH="$PWD/.devdeps/lib:${LD_LIBRARY_PATH:-}"
+fi
+cmake -S . -B build-dev -DCMAKE_BUILD_TYPE=Release -DDIFFORMER_TESTS=OFF "${deps[@]}" > "$OUT/cmake.log" 2>&1
 cmake --build build-dev -j"$(nproc)" --target difformer >> "$OUT/cmake.log" 2>&1 || { tail -30 "$OUT/cmake.log"; exit 1; }
 # one split file per row so that runs can go in parallel (run r: split row r, seed r)
 "$PY" - <<'PYEOF'

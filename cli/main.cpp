@@ -3,6 +3,8 @@
 #include <cstdio>
 
 #include "cli/commands.hpp"
+#include "cli/large_commands.hpp"
+#include "cli/model_commands.hpp"
 #include "core/error.hpp"
 
 using namespace dfm::cli;
@@ -13,26 +15,55 @@ int main(int argc, char** argv) {
 
   TrainFlags tf;
   ModelFlags train_model;
-  auto* train = app.add_subcommand("train", "train node classifiers (defaults: the paper's Cora DIFFormer-s settings)");
-  train->add_option("--data", tf.data, ".npz dataset (x, y, optional edge_index, train_idx/val_idx/test_idx)")
-      ->required();
+  auto* train = app.add_subcommand(
+      "train",
+      "train DIFFormer on a node (citation), instance or spatio-temporal task; flags default to the paper's Cora "
+      "DIFFormer-s settings, or to the task's protocol (SPEC.md section 3); --preset NAME sets a whole protocol row");
+  train->add_option("--preset", tf.preset, "a protocol row (see `difformer presets`); flags you pass override it");
+  train->add_option("--data", tf.data, ".npz dataset: x [N,F] or [T,N,L], y, optional edge_index/edge_weight/edge_ptr, "
+                                       "train_idx/val_idx/test_idx (default with --preset: DATA_DIR/<preset's file>)");
+  train->add_option("--data-dir", tf.data_dir, "where --preset looks for its data file")->capture_default_str();
+  train->add_option("--task", tf.task,
+                    "node (citation protocol), instance (no input graph), temporal (snapshots), or auto: temporal "
+                    "when x is [T,N,L], node when the file has edge_index, else instance")
+      ->capture_default_str();
   train_model.add(train);
   train->add_option("--lr", tf.lr, "Adam learning rate")->capture_default_str();
   train->add_option("--weight-decay", tf.weight_decay, "coupled L2 weight decay")->capture_default_str();
-  train->add_option("--epochs", tf.epochs, "epochs (one full-batch Adam step each)")->capture_default_str();
+  train->add_option("--epochs", tf.epochs, "epochs (one full-batch Adam step each; temporal: the most epochs)")
+      ->capture_default_str();
+  train->add_option("--save", tf.save_path, "save the best run's best-validation weights (checkpoint .npz)");
   train->add_option("--runs", tf.runs, "independent runs; run r uses seed + r")->capture_default_str();
   train->add_option("--seed", tf.seed, "base seed (split, initialisation, dropout)")->capture_default_str();
   train->add_option("--split", tf.split, "random (per class) or public (the file's train/val/test_idx)")
       ->capture_default_str();
   train->add_option("--splits", tf.splits_file, "split file with [R, n] train_idx/val_idx/test_idx; run r uses row r");
+  train->add_option("--split-seed", tf.split_seed,
+                    "random split: >= 0 draws ONE split with this seed for all runs (the published citation runs); "
+                    "-1: a fresh split per run (seed + r)")
+      ->capture_default_str();
   train->add_option("--per-class", tf.per_class, "random split: training nodes per class")->capture_default_str();
   train->add_option("--val", tf.val, "random split: validation nodes")->capture_default_str();
   train->add_option("--test", tf.test, "random split: test nodes (-1: all the rest)")->capture_default_str();
+  train->add_option("--knn", tf.knn, "build an exact kNN graph with K neighbours (self included) from x; node/instance: "
+                                     "symmetrised + self-loops, replacing any file graph; temporal: per snapshot, "
+                                     "neighbour -> node, as the official code's knn option");
+  train->add_option("--knn-metric", tf.knn_metric, "kNN distance: euclidean or cosine")->capture_default_str();
+  train->add_option("--patience", tf.patience, "temporal: stop after this many epochs without a better validation MSE")
+      ->capture_default_str();
+  train->add_flag("--step-per-snapshot", tf.step_per_snapshot,
+                  "temporal: one Adam step per training snapshot (official WikiMath variant) instead of one per epoch");
+  train->add_flag("--paper-mse", tf.paper_mse,
+                  "temporal: train and early-stop on the paper's broadcast MSE mean_ij (p_i - y_j)^2 (reproduction only)");
   train->add_option("--eval-every", tf.eval_every, "evaluate every K epochs")->capture_default_str();
   train->add_option("--threads", tf.threads, "CPU threads (0: all)")->capture_default_str();
   train->add_option("--device", tf.device, "cpu or cuda")->capture_default_str();
   train->add_option("--json", tf.json_out, "write the results as JSON here");
   train->add_flag("--quiet", tf.quiet, "only the summary line");
+
+  bool presets_json = false;
+  auto* presets = app.add_subcommand("presets", "list the --preset rows of `difformer train` with their settings");
+  presets->add_flag("--json", presets_json, "as JSON");
 
   BenchFlags bf;
   ModelFlags bench_model;
@@ -52,10 +83,24 @@ int main(int argc, char** argv) {
   bench_model.add(bench);
   bench->add_flag("--no-weight", [&](std::int64_t) { bench_model.use_weight = false; }, "no value projection");
 
+  LargeCli large_cli;  // synth, train-large: cli/large_commands.hpp
+  large_cli.add(app);
+
+  ModelUseFlags eval_flags, embed_flags;  // eval, embed: cli/model_cmd.cpp
+  add_eval_command(app, eval_flags);
+  add_embed_command(app, embed_flags);
+
   CLI11_PARSE(app, argc, argv);
   try {
-    if (*train) return run_train(tf, train_model);
+    if (*train) {
+      configure_train(train, tf);
+      return run_train(tf, train_model);
+    }
+    if (*presets) return run_presets(presets_json);
     if (*bench) return run_bench(bf, bench_model);
+    if (int rc = 0; large_cli.dispatch(rc)) return rc;
+    if (app.got_subcommand("eval")) return run_eval(eval_flags);
+    if (app.got_subcommand("embed")) return run_embed(embed_flags);
   } catch (const dfm::Error& e) {
     std::fprintf(stderr, "difformer: error: %s\n", e.what());
     return 1;

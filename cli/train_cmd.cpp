@@ -1,4 +1,12 @@
-// `difformer train`: node classification under the citation protocol.
+// `difformer train`: the three task families of SPEC.md section 3 through one model.
+//   node      citation protocol: row-normalised features, undirected graph + self-loops, per-class
+//             random split (or the file's public split, or a split file), best-validation test score;
+//   instance  a set without an input graph: raw features, k labelled per class, 1000 validation,
+//             the rest test, a fresh split per run; optional exact kNN graph (--knn);
+//   temporal  snapshots x [T, N, L] -> y [T, N], each with its own (static or edge_ptr-dynamic)
+//             graph; early stopping on validation MSE (train/temporal.hpp).
+// configure_train() resolves --preset, --task auto and the task's protocol defaults before
+// run_train() sees the flags; each family has its own function below.
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -10,28 +18,91 @@
 #include "core/error.hpp"
 #include "core/memory.hpp"
 #include "data/dataset.hpp"
+#include "data/knn.hpp"
+#include "data/temporal_data.hpp"
+#include "io/checkpoint.hpp"
 #include "io/files.hpp"
 #include "ops/cuda_backend.hpp"
-#include "train/synthetic.hpp"
+#include "train/presets.hpp"
+#include "train/temporal.hpp"
 #include "train/trainer.hpp"
 
 namespace dfm::cli {
 
-int run_train(const TrainFlags& f, const ModelFlags& mf) {
-  if (f.device == "cuda") cuda::require();
-  DFM_CHECK(f.device == "cpu" || f.device == "cuda", "--device: expected cpu or cuda, got '", f.device, "'");
-  DFM_CHECK(f.runs >= 1, "--runs must be >= 1 (got ", f.runs, ")");
-  DFM_CHECK(f.eval_every >= 1, "--eval-every must be >= 1 (got ", f.eval_every, ")");
-  DFM_CHECK(f.split == "random" || f.split == "public", "--split: expected random or public, got '", f.split, "'");
+namespace {
+
+// Sets an option as if it had been typed: clear, add the value, convert into the bound variable.
+void set_option(CLI::Option* o, const std::string& value) {
+  o->clear();
+  o->add_result(value);
+  o->run_callback();
+}
+
+bool was_set(const TrainFlags& f, const std::string& flag) {
+  for (const auto* v : {&f.from_user, &f.from_preset, &f.from_task_default})
+    if (std::find(v->begin(), v->end(), flag) != v->end()) return true;
+  return false;
+}
+
+json settings_json(const TrainFlags& f) {
+  return json{{"data", f.data},
+              {"task", f.task},
+              {"preset", f.preset},
+              {"lr", f.lr},
+              {"weight_decay", f.weight_decay},
+              {"epochs", f.epochs},
+              {"runs", f.runs},
+              {"seed", f.seed},
+              {"threads", f.threads},
+              {"split", f.split},
+              {"splits_file", f.splits_file},
+              {"split_seed", f.split_seed},
+              {"per_class", f.per_class},
+              {"val", f.val},
+              {"test", f.test},
+              {"knn", f.knn},
+              {"knn_metric", f.knn_metric},
+              {"patience", f.patience},
+              {"step_per_snapshot", f.step_per_snapshot},
+              {"paper_mse_loss", f.paper_mse},
+              {"eval_every", f.eval_every},
+              {"set_by_user", f.from_user},
+              {"set_by_preset", f.from_preset},
+              {"set_by_task_default", f.from_task_default}};
+}
+
+void print_notes(const TrainFlags& f) {
+  for (const auto& n : f.notes) std::fprintf(stderr, "note: %s\n", n.c_str());
+}
+
+// ---------------------------------------------------------------------------------------------
+// node and instance classification
+int train_classification(const TrainFlags& f, const ModelFlags& mf) {
+  const bool instance = f.task == "instance";
   Context ctx(f.seed, f.threads);
   Dataset d = load_node_dataset(f.data);
-  // Citation protocol (SPEC.md section 3): row-normalised features, undirected graph with one
-  // self-loop per node; bag-of-words features go sparse so the first layer skips the zeros.
-  row_normalise(d);
+  // Only the citation protocol row-normalises (reference_targets.py); instance features stay raw.
+  if (!instance) row_normalise(d);
+  json knn_info;
+  if (f.knn > 0) {
+    if (d.graph_in_file && !f.quiet)
+      std::fprintf(stderr, "note: --knn %d replaces the edge_index of %s\n", f.knn, f.data.c_str());
+    KnnStats st;
+    const KnnLists lists = knn_search(d.x, f.knn, parse_knn_metric(f.knn_metric), &st);
+    knn_edges(lists, d.src, d.dst);
+    d.edge_weight.clear();
+    d.graph_in_file = true;
+    knn_info = json{{"k", f.knn}, {"metric", f.knn_metric}, {"seconds", st.seconds}, {"fallback_rows", st.fallback_rows}};
+    if (!f.quiet)
+      std::printf("kNN graph: k=%d %s, %.2f s (%lld rows needed the exact full scan)\n", f.knn, f.knn_metric.c_str(),
+                  st.seconds, (long long)st.fallback_rows);
+  }
+  // Undirected, self-loops removed, then one per node (to_undirected / remove_self_loops /
+  // add_self_loops of the official pipelines, for citation graphs and kNN graphs alike).
   if (d.has_graph()) citation_graph(d);
   choose_feature_layout(d);
   const ModelConfig cfg = mf.config(d.features, d.classes, d.has_graph());
-  if (!mf.no_graph && !d.has_graph())
+  if (!mf.no_graph && !d.has_graph() && !instance)
     std::fprintf(stderr, "note: %s has no edge_index: training without the graph term\n", f.data.c_str());
   GraphOp graph;
   if (cfg.use_graph) graph = graph_operator(d);
@@ -44,11 +115,11 @@ int run_train(const TrainFlags& f, const ModelFlags& mf) {
   }
   if (cfg.use_graph) in.graph = &graph;
   if (!f.quiet)
-    std::printf("%s: %lld nodes, %lld features (%s), %lld classes, %lld edges; DIFFormer kernel=%s layers=%d hidden=%lld "
-                "heads=%d graph=%s\n",
-                f.data.c_str(), (long long)d.n, (long long)d.features, d.sparse ? "sparse" : "dense",
-                (long long)d.classes, (long long)d.edges(), kernel_name(cfg.kernel), cfg.layers, (long long)cfg.hidden,
-                cfg.heads, cfg.use_graph ? "on" : "off");
+    std::printf("%s [%s]: %lld %s, %lld features (%s), %lld classes, %lld edges; DIFFormer kernel=%s layers=%d "
+                "hidden=%lld heads=%d graph=%s\n",
+                f.data.c_str(), f.task.c_str(), (long long)d.n, instance ? "instances" : "nodes", (long long)d.features,
+                d.sparse ? "sparse" : "dense", (long long)d.classes, (long long)d.edges(), kernel_name(cfg.kernel),
+                cfg.layers, (long long)cfg.hidden, cfg.heads, cfg.use_graph ? "on" : "off");
 
   TrainOptions opt;
   opt.epochs = f.epochs;
@@ -57,6 +128,7 @@ int run_train(const TrainFlags& f, const ModelFlags& mf) {
   opt.eval_every = f.eval_every;
   std::vector<double> tests, ms;
   json runs = json::array();
+  double best_val = -1.0;
   for (int r = 0; r < f.runs; ++r) {
     const std::uint64_t seed = f.seed + static_cast<std::uint64_t>(r);
     Split split;
@@ -68,27 +140,41 @@ int run_train(const TrainFlags& f, const ModelFlags& mf) {
       split = file_split(d);
       split_name = "public";
     } else {
-      split = random_per_class_split(d.y, d.classes, f.per_class, f.val, f.test, seed);
-      validate_split(split, d.n, "random split");
-      split_name = "random (seed " + std::to_string(seed) + ")";
+      const std::uint64_t split_seed = f.split_seed >= 0 ? static_cast<std::uint64_t>(f.split_seed) : seed;
+      split = random_per_class_split(d.y, d.classes, f.per_class, f.val, f.test, split_seed);
+      validate_split(split, d.n, "random split (--per-class " + std::to_string(f.per_class) + ", --val " +
+                                     std::to_string(f.val) + ", --test " + std::to_string(f.test) + ")");
+      split_name = "random (seed " + std::to_string(split_seed) + ")";
     }
     DIFFormer model(cfg);
     std::mt19937_64 rng(seed);
     model.init(rng);
     const RunResult res = train_node_classifier(model, in, d.y, split, opt, seed);
+    if (!f.save_path.empty() && res.val > best_val) {  // --save keeps the best run's best epoch
+      best_val = res.val;
+      model.params.values = res.best_params;
+      save_checkpoint(f.save_path, model, json{{"preprocess", f.task == "node" ? "citation" : "none"},
+                                               {"data", f.data},
+                                               {"seed", seed},
+                                               {"best_epoch", res.best_epoch}});
+    }
     tests.push_back(100.0 * res.test);
     ms.push_back(res.ms_per_epoch);
     runs.push_back(json{{"seed", seed},
                         {"split", split_name},
+                        {"train_size", split.train.size()},
+                        {"val_size", split.val.size()},
+                        {"test_size", split.test.size()},
                         {"best_epoch", res.best_epoch},
                         {"val", 100.0 * res.val},
                         {"test", 100.0 * res.test},
                         {"ms_per_epoch", res.ms_per_epoch},
                         {"seconds", res.seconds}});
     if (!f.quiet)
-      std::printf("run %d/%d seed %llu split %s: best epoch %d, val %.2f, test %.2f  (%.1f s, %.2f ms/epoch)\n", r + 1,
-                  f.runs, (unsigned long long)seed, split_name.c_str(), res.best_epoch, 100.0 * res.val,
-                  100.0 * res.test, res.seconds, res.ms_per_epoch);
+      std::printf("run %d/%d seed %llu split %s (%zu/%zu/%zu): best epoch %d, val %.2f, test %.2f  (%.1f s, %.2f "
+                  "ms/epoch)\n",
+                  r + 1, f.runs, (unsigned long long)seed, split_name.c_str(), split.train.size(), split.val.size(),
+                  split.test.size(), res.best_epoch, 100.0 * res.val, 100.0 * res.test, res.seconds, res.ms_per_epoch);
     std::fflush(stdout);
   }
   const double mean = mean_of(tests), sd = std_of(tests);
@@ -97,21 +183,208 @@ int run_train(const TrainFlags& f, const ModelFlags& mf) {
   if (!f.json_out.empty()) {
     json j{{"command", "train"},
            {"data", f.data},
-           {"task", "node"},
+           {"task", f.task},
+           {"preset", f.preset},
            {"metric", "accuracy"},
            {"test_mean", mean},
            {"test_std", sd},
            {"test_median", median_of(tests)},
            {"runs", runs},
            {"ms_per_epoch", median_of(ms)},
+           {"seconds_per_epoch", median_of(ms) / 1000.0},
            {"peak_rss_bytes", peak_rss_bytes()},
            {"threads", f.threads},
            {"model", config_json(cfg)},
            {"optim", {{"lr", f.lr}, {"weight_decay", f.weight_decay}, {"epochs", f.epochs}}},
-           {"split", f.splits_file.empty() ? f.split : f.splits_file}};
+           {"split", f.splits_file.empty() ? f.split : f.splits_file},
+           {"settings", settings_json(f)}};
+    if (!knn_info.is_null()) j["knn_graph"] = knn_info;
     write_text_atomic(f.json_out, j.dump(2) + "\n");
   }
   return 0;
+}
+
+// ---------------------------------------------------------------------------------------------
+// spatio-temporal regression
+int train_temporal_task(const TrainFlags& f, const ModelFlags& mf) {
+  TemporalDataset d = load_temporal_dataset(f.data);
+  // Snapshots are small sets (20 to ~1000 nodes, hidden 4): OpenMP fork/join per op costs more
+  // than it saves there, so --threads 0 means one thread below kParallelNodes nodes.
+  constexpr Index kParallelNodes = 4096;
+  const int threads = f.threads == 0 && d.nodes < kParallelNodes ? 1 : f.threads;
+  Context ctx(f.seed, threads);
+  const TemporalSplit split = temporal_split(d);
+  // Graphs as stored (no self-loops added, not symmetrised), or a kNN graph per snapshot.
+  SnapshotGraphs graphs;
+  if (f.knn > 0 && !mf.no_graph) {
+    graphs.dynamic = true;
+    const KnnMetric metric = parse_knn_metric(f.knn_metric);
+    std::vector<std::int64_t> src, dst;
+    for (Index t = 0; t < d.snapshots; ++t) {
+      knn_edges(knn_search(d.x[t], f.knn, metric), src, dst);
+      graphs.ops.push_back(make_graph_op<float>(d.nodes, src, dst));
+    }
+  } else {
+    graphs = snapshot_graphs(d);
+  }
+  const bool graph_available = !graphs.ops.empty();
+  const ModelConfig cfg = mf.config(d.lags, 1, graph_available);
+  if (!mf.no_graph && !graph_available)
+    std::fprintf(stderr, "note: %s has no edge_index: training without the graph term\n", f.data.c_str());
+  std::vector<ModelInput> in(static_cast<size_t>(d.snapshots));
+  for (Index t = 0; t < d.snapshots; ++t) {
+    in[t].dense = &d.x[t];
+    if (cfg.use_graph) in[t].graph = graphs.of(t);
+  }
+  if (!f.quiet)
+    std::printf("%s [temporal]: %lld snapshots of %lld nodes x %lld lags, %s graph (%lld edges), split %zu/%zu/%zu "
+                "snapshots; DIFFormer kernel=%s layers=%d hidden=%lld graph=%s\n",
+                f.data.c_str(), (long long)d.snapshots, (long long)d.nodes, (long long)d.lags,
+                f.knn > 0 ? "kNN" : d.dynamic() ? "dynamic" : "static", (long long)d.src.size(), split.train.size(),
+                split.val.size(), split.test.size(), kernel_name(cfg.kernel), cfg.layers, (long long)cfg.hidden,
+                cfg.use_graph ? "on" : "off");
+
+  TemporalOptions opt;
+  opt.epochs = f.epochs;
+  opt.patience = f.patience;
+  opt.adam.lr = f.lr;
+  opt.adam.weight_decay = f.weight_decay;
+  opt.step_per_snapshot = f.step_per_snapshot;
+  opt.paper_mse_loss = f.paper_mse;
+  std::vector<double> mses, papers, ms;
+  json runs = json::array();
+  for (int r = 0; r < f.runs; ++r) {
+    const std::uint64_t seed = f.seed + static_cast<std::uint64_t>(r);
+    DIFFormer model(cfg);
+    std::mt19937_64 rng(seed);
+    model.init(rng);
+    const TemporalRunResult res = train_temporal(model, in, d.y, split, opt, seed);
+    mses.push_back(res.test.mse);
+    papers.push_back(res.test.paper_mse);
+    ms.push_back(res.ms_per_epoch);
+    runs.push_back(json{{"seed", seed},
+                        {"best_epoch", res.best_epoch},
+                        {"epochs_run", res.epochs_run},
+                        {"stopped_early", res.stopped_early},
+                        {"val", res.val.mse},
+                        {"val_paper_mse", res.val.paper_mse},
+                        {"test", res.test.mse},
+                        {"test_paper_mse", res.test.paper_mse},
+                        {"ms_per_epoch", res.ms_per_epoch},
+                        {"seconds", res.seconds}});
+    if (!f.quiet)
+      std::printf("run %d/%d seed %llu: best epoch %d of %d, val MSE %.4f, test MSE %.4f, paper_mse %.4f  (%.1f s, "
+                  "%.2f ms/epoch)\n",
+                  r + 1, f.runs, (unsigned long long)seed, res.best_epoch, res.epochs_run, res.val.mse, res.test.mse,
+                  res.test.paper_mse, res.seconds, res.ms_per_epoch);
+    std::fflush(stdout);
+  }
+  std::printf("test MSE: %.4f +- %.4f over %d run(s); paper_mse %.4f +- %.4f; %.2f ms/epoch; peak RSS %.1f MB\n",
+              mean_of(mses), std_of(mses), f.runs, mean_of(papers), std_of(papers), median_of(ms),
+              peak_rss_bytes() / 1048576.0);
+  if (!f.json_out.empty()) {
+    json j{{"command", "train"},
+           {"data", f.data},
+           {"task", "temporal"},
+           {"preset", f.preset},
+           {"metric", "mse"},
+           {"test_mean", mean_of(mses)},
+           {"test_std", std_of(mses)},
+           {"test_median", median_of(mses)},
+           {"paper_mse_mean", mean_of(papers)},
+           {"paper_mse_std", std_of(papers)},
+           {"runs", runs},
+           {"ms_per_epoch", median_of(ms)},
+           {"seconds_per_epoch", median_of(ms) / 1000.0},
+           {"peak_rss_bytes", peak_rss_bytes()},
+           {"threads", threads},
+           {"model", config_json(cfg)},
+           {"optim", {{"lr", f.lr}, {"weight_decay", f.weight_decay}, {"epochs", f.epochs}}},
+           {"split",
+            {{"train", split.train.size()},
+             {"val", split.val.size()},
+             {"test", split.test.size()},
+             {"source", d.train_idx.empty() ? "chronological 20/20/60" : "file"}}},
+           {"graph", !cfg.use_graph ? "none" : f.knn > 0 ? "knn" : d.dynamic() ? "dynamic" : "static"},
+           {"settings", settings_json(f)}};
+    write_text_atomic(f.json_out, j.dump(2) + "\n");
+  }
+  return 0;
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------
+void configure_train(CLI::App* train, TrainFlags& f) {
+  for (const CLI::Option* o : train->get_options())
+    if (o->count() > 0 && !o->get_lnames().empty()) f.from_user.push_back("--" + o->get_lnames().front());
+
+  // Only options the user did not pass take a preset's (then the task's) values, wherever on the
+  // command line --preset stands.
+  auto apply = [&](const std::vector<PresetSetting>& settings, std::vector<std::string>& record,
+                   const std::string& who) {
+    for (const PresetSetting& s : settings) {
+      CLI::Option* o = train->get_option_no_throw(s.flag);
+      if (!o) {
+        f.notes.push_back(who + " asks for " + s.flag + " " + s.value + ", which this build of train does not have");
+        continue;
+      }
+      if (o->count() > 0) continue;
+      set_option(o, s.value);
+      record.push_back(s.flag);
+    }
+  };
+  if (!f.preset.empty()) {
+    const Preset* p = find_preset(f.preset);
+    DFM_CHECK(p, "--preset: unknown preset '", f.preset, "'; known: ", preset_names(), " (see `difformer presets`)");
+    if (f.data.empty()) {
+      f.data = f.data_dir + "/" + p->data_file;
+      f.from_preset.push_back("--data");
+    }
+    apply(p->settings, f.from_preset, "preset " + p->name);
+  }
+  DFM_CHECK(!f.data.empty(), "--data is required (a .npz file), or --preset NAME");
+  if (f.task == "citation") f.task = "node";
+  if (f.task == "auto") {
+    f.task = detect_task(f.data);
+    if (!f.quiet) f.notes.push_back("--task auto: " + f.data + " is a " + f.task + " dataset");
+  }
+  DFM_CHECK(f.task == "node" || f.task == "instance" || f.task == "temporal", "--task: expected node, instance, "
+            "temporal or auto, got '", f.task, "'");
+  apply(task_defaults(f.task), f.from_task_default, "the " + f.task + " protocol");
+
+  // Flag checks that need to know what was passed, not only the value.
+  DFM_CHECK(!was_set(f, "--knn") || f.knn >= 1, "--knn must be >= 1 (got ", f.knn, ")");
+  parse_knn_metric(f.knn_metric);
+  DFM_CHECK(f.runs >= 1, "--runs must be >= 1 (got ", f.runs, ")");
+  DFM_CHECK(f.epochs >= 1, "--epochs must be >= 1 (got ", f.epochs, ")");
+  DFM_CHECK(f.split == "random" || f.split == "public", "--split: expected random or public, got '", f.split, "'");
+  if (f.task == "temporal") {
+    DFM_CHECK(f.splits_file.empty(), "--splits is for node/instance tasks; a temporal run takes its snapshot split "
+              "from the file's train_idx/val_idx/test_idx (else chronological 20/20/60)");
+    DFM_CHECK(f.patience >= 1, "--patience must be >= 1 (got ", f.patience, ")");
+    for (const char* flag : {"--per-class", "--val", "--test", "--split", "--split-seed", "--eval-every"})
+      if (std::find(f.from_user.begin(), f.from_user.end(), flag) != f.from_user.end())
+        f.notes.push_back(std::string(flag) + " is ignored for a temporal task");
+  } else {
+    DFM_CHECK(f.eval_every >= 1, "--eval-every must be >= 1 (got ", f.eval_every, ")");
+    for (const char* flag : {"--patience", "--step-per-snapshot", "--paper-mse"})
+      if (std::find(f.from_user.begin(), f.from_user.end(), flag) != f.from_user.end())
+        f.notes.push_back(std::string(flag) + " only applies to a temporal task; ignored");
+  }
+}
+
+int run_train(const TrainFlags& f, const ModelFlags& mf) {
+  if (f.device == "cuda") cuda::require();
+  DFM_CHECK(f.device == "cpu" || f.device == "cuda", "--device: expected cpu or cuda, got '", f.device, "'");
+  print_notes(f);
+  if (!f.preset.empty() && !f.quiet) {
+    std::string s;
+    for (const auto& flag : f.from_preset) s += " " + flag;
+    std::printf("preset %s set:%s\n", f.preset.c_str(), s.empty() ? " (nothing: every option was given)" : s.c_str());
+  }
+  if (f.task == "temporal") return train_temporal_task(f, mf);
+  return train_classification(f, mf);
 }
 
 }  // namespace dfm::cli

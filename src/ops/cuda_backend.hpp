@@ -4,8 +4,9 @@
 //
 // cuda::Model is DIFFormer on one GPU: the same ModelConfig and the same flat parameter order
 // as dfm::DIFFormer (so parameters copy host <-> device as one buffer), forward / cross-entropy /
-// backward / Adam on the device. Activations are not kept between forward and backward beyond
-// the LayerNorm inputs of each block (O(L N D) floats); everything else is recomputed.
+// backward / Adam on the device. Activations kept between forward and backward: the LayerNorm
+// input of each diffusion layer (L N D floats) and the attention's small statistics (sigmoid:
+// its output and row sums); hidden states, Q, K, V and dropout masks are recomputed.
 #pragma once
 #include <cstdint>
 #include <memory>
@@ -47,6 +48,8 @@ class Model {
   void set_train_index(const std::vector<std::int64_t>& idx);     // loss rows; empty = all
 
   void forward(bool training, std::uint64_t dropout_seed);  // logits stay on the device
+  // The logits of the last forward; loss_and_dlogits() overwrites them with dlogits when the loss
+  // spans all rows (no train index), so download before it.
   void download_logits(Mat& logits) const;
   void download_hidden(std::vector<Mat>& hidden);  // h_0 .. h_L of the last forward
   float loss_and_dlogits();                         // cross-entropy over the train index

@@ -179,10 +179,10 @@ int warp_blocks(const GpuContext& ctx, Index warps) { return blocks_for(warps, 8
 
 std::size_t simple_stats_floats(const AttnDims& dm) { return static_cast<std::size_t>(StatsLayout(dm).total); }
 
-std::size_t simple_attn_scratch(const AttnDims& dm) {
+std::size_t simple_attn_scratch(const GpuContext& ctx, const AttnDims& dm) {
   const Index hd = dm.heads * dm.d, hvd = dm.vheads * dm.d;
   const std::size_t own = (3 * dm.heads * dm.d * dm.d + 2 * hd + hvd) * sizeof(float) + 16 * 256;
-  const std::size_t nested = std::max({gemm_tn_tall_scratch(dm.n, dm.d, dm.d), colsum_scratch(std::max(hd, hvd)),
+  const std::size_t nested = std::max({gemm_tn_tall_scratch(ctx, dm.n, dm.d, dm.d), colsum_scratch(std::max(hd, hvd)),
                                        sum_squares_scratch()});
   return own + nested;
 }
@@ -214,7 +214,7 @@ void simple_attn_fwd(GpuContext& ctx, const AttnDims& dm, Norm norm, const float
     DFM_CUDA_LAUNCH_CHECK();
     kx = s.kn;
   }
-  ctx.ensure_scratch(simple_attn_scratch(dm));
+  ctx.ensure_scratch(simple_attn_scratch(ctx, dm));
   ScratchScope scope(ctx);
   double* sq = scope.take<double>(2);
   if (norm == Norm::global) {
@@ -240,7 +240,7 @@ void simple_attn_bwd(GpuContext& ctx, const AttnDims& dm, Norm norm, float* q, f
   const Index d = dm.d, hd = dm.heads * d, hvd = dm.vheads * d, dd = d * d;
   float* qx = norm == Norm::node ? s.qn : q;
   float* kx = norm == Norm::node ? s.kn : k;
-  ctx.ensure_scratch(simple_attn_scratch(dm));
+  ctx.ensure_scratch(simple_attn_scratch(ctx, dm));
   ScratchScope scope(ctx);
   float* dkv = scope.take<float>(static_cast<std::size_t>(dm.heads * dd));
   float* kvq = scope.take<float>(static_cast<std::size_t>(dm.heads * dd));

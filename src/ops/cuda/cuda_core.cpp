@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cstdio>
+#include <cstdlib>
 #include <sstream>
 
 #include "ops/cuda_backend.hpp"
@@ -112,6 +113,8 @@ GpuContext::GpuContext(Precision precision, int device) : precision_(precision),
                                                                           : CUBLAS_DEFAULT_MATH));
   blas_workspace_ = alloc_.allocate(kBlasWorkspace);
   DFM_CUBLAS_CHECK(cublasSetWorkspace(blas_, blas_workspace_, kBlasWorkspace));
+  DFM_CUBLAS_CHECK(cublasLtCreate(&lt_));
+  if (const char* e = std::getenv("DIFFORMER_NO_LT")) lt_disabled = std::string(e) == "1";
   DFM_CUSPARSE_CHECK(cusparseCreate(&sparse_));
   DFM_CUSPARSE_CHECK(cusparseSetStream(sparse_, stream_));
   reserve_scratch(kInitialScratch);
@@ -120,12 +123,15 @@ GpuContext::GpuContext(Precision precision, int device) : precision_(precision),
 GpuContext::~GpuContext() {
   if (stream_) cudaStreamSynchronize(stream_);
   if (sparse_) cusparseDestroy(sparse_);
+  if (lt_) cublasLtDestroy(lt_);
   if (blas_) cublasDestroy(blas_);
   alloc_.release(blas_workspace_);
   alloc_.release(ones_);
   alloc_.release(scratch_);
   if (stream_) cudaStreamDestroy(stream_);
 }
+
+std::size_t GpuContext::blas_workspace_bytes() const { return kBlasWorkspace; }
 
 void GpuContext::sync() const { DFM_CUDA_CHECK(cudaStreamSynchronize(stream_)); }
 

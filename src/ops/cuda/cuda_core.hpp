@@ -5,6 +5,7 @@
 //
 // Not here: any model logic (model_cuda.cpp) and any kernel.
 #pragma once
+#include <cublasLt.h>
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
 #include <cusparse.h>
@@ -109,6 +110,10 @@ class GpuContext {
   cudaStream_t stream() const { return stream_; }
   cublasHandle_t blas() const { return blas_; }
   cusparseHandle_t sparse() const { return sparse_; }
+  cublasLtHandle_t lt() const { return lt_; }
+  void* blas_workspace() const { return blas_workspace_; }
+  std::size_t blas_workspace_bytes() const;
+  bool lt_disabled = false;  // DIFFORMER_NO_LT=1: plain cublasSgemm + a bias pass
   Precision precision() const { return precision_; }
   int sms() const { return sms_; }
   Allocator& allocator() { return alloc_; }
@@ -135,6 +140,7 @@ class GpuContext {
   cudaStream_t stream_ = nullptr;
   cublasHandle_t blas_ = nullptr;
   cusparseHandle_t sparse_ = nullptr;
+  cublasLtHandle_t lt_ = nullptr;
   Allocator alloc_;
   void* blas_workspace_ = nullptr;
   float* ones_ = nullptr;

@@ -30,10 +30,11 @@ void gemm(GpuContext& ctx, bool ta, bool tb, Index m, Index n, Index k, float al
 // a 64 x 64 result over 10^7 rows still keeps every SM busy. Deterministic.
 void gemm_tn_tall(GpuContext& ctx, Index rows, Index p, Index q, float alpha, const float* x, Index ldx,
                   const float* y, Index ldy, float beta, float* c);
-std::size_t gemm_tn_tall_scratch(Index rows, Index p, Index q);
+std::size_t gemm_tn_tall_scratch(const GpuContext& ctx, Index rows, Index p, Index q);
 
 // ---- linear layers -----------------------------------------------------------------------------
-// y[n, out] = x[n, in] w^T + b (b may be null).
+// y[n, out] = x[n, in] w^T + b (b may be null): cublasLt with the bias in the epilogue where it
+// has an algorithm (DIFFORMER_NO_LT=1 turns it off), else cublasSgemm and a bias pass.
 void linear_fwd(GpuContext& ctx, const float* x, Index n, Index in, const float* w, Index out, const float* b,
                 float* y);
 // dx = dy w + dx_beta * dx (dx may be null); dw += dy^T x; db += colsum(dy) (db may be null).
@@ -117,7 +118,8 @@ std::size_t row_norm_bwd_scratch(Index d);
 
 // ---- losses and optimiser -------------------------------------------------------------------------
 // Mean cross-entropy over the rows idx[0 .. count) (all n rows when idx is null) into *loss
-// (device float); dlogits overwritten, zero outside the index set.
+// (device float); dlogits overwritten, zero outside the index set. With idx null, dlogits may be
+// logits (in place).
 void cross_entropy(GpuContext& ctx, const float* logits, Index n, Index classes, const std::int32_t* labels,
                    const std::int32_t* idx, Index count, float* dlogits, float* loss);
 std::size_t cross_entropy_scratch();
@@ -160,7 +162,22 @@ void simple_attn_rows(GpuContext& ctx, const AttnDims& dm, Norm norm, const floa
 void simple_attn_bwd(GpuContext& ctx, const AttnDims& dm, Norm norm, float* q, float* k, const float* v, float* a,
                      const float* da, Index da_ld, Index da_head_stride, float da_scale, SimpleSaved& s, float* dv,
                      float dv_beta, float* dden);
-std::size_t simple_attn_scratch(const AttnDims& dm);
+std::size_t simple_attn_scratch(const GpuContext& ctx, const AttnDims& dm);
+
+// The same attention (global norm only, d in {16, 32, 64}) with its passes over N fused
+// (attn_simple_fused.cu, the library port of dev/cuda/attn_simple.cu version 2): two passes over
+// N forward, three backward. Its own stats layout (simple_fused_stats_floats) and workspace
+// (simple_fused_work_floats, about 2 n heads floats). dA has Q's layout [n, heads*d], unscaled.
+// dq may be q and dk may be k (in place); dv is OVERWRITTEN.
+bool simple_fused_supported(const AttnDims& dm);
+std::size_t simple_fused_stats_floats(const AttnDims& dm);
+std::size_t simple_fused_work_floats(const AttnDims& dm);
+void simple_fused_fwd(GpuContext& ctx, const AttnDims& dm, const float* q, const float* k, const float* v, float* a,
+                      float* stats, float* work);
+void simple_fused_rows(GpuContext& ctx, const AttnDims& dm, const float* q, const float* stats, float* a);
+void simple_fused_bwd(GpuContext& ctx, const AttnDims& dm, const float* q, const float* k, const float* v,
+                      const float* a, const float* da, const float* stats, float* dq, float* dk, float* dv,
+                      float* work);
 
 // ---- DIFFormer-a (sigmoid) attention, flash-style ---------------------------------------------------
 // w_ij = sigmoid(q_i . k_j) (no scaling), A_i = sum_j w_ij v_j / r_i, r_i = sum_j w_ij saved in

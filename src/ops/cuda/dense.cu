@@ -291,7 +291,7 @@ std::uint32_t dropout_threshold(float p) {  // as cpu::dropout_fwd
 // ---- cross-entropy ---------------------------------------------------------------------------------
 constexpr int kCeBlocks = 512;
 __global__ void __launch_bounds__(256)
-    ce_kernel(const float* __restrict__ logits, Index classes, const std::int32_t* __restrict__ labels,
+    ce_kernel(const float* logits, Index classes, const std::int32_t* __restrict__ labels,
               const std::int32_t* __restrict__ idx, Index count, float inv, float* dlogits, double* part) {
   __shared__ double sh[8];
   const int lane = threadIdx.x & 31;
@@ -300,7 +300,7 @@ __global__ void __launch_bounds__(256)
   double loss = 0.0;
   for (Index t = warp; t < count; t += nwarps) {
     const Index i = idx ? idx[t] : t;
-    const float* l = logits + i * classes;
+    const float* l = logits + i * classes;  // may alias dlogits: every read precedes the writes
     float mx = -INFINITY;
     for (Index c = lane; c < classes; c += 32) mx = fmaxf(mx, l[c]);
     mx = warp_max(mx);
@@ -309,9 +309,11 @@ __global__ void __launch_bounds__(256)
     se = warp_sum(se);
     const float lse = mx + logf(se);
     const int y = labels[i];
+    const float ly = l[y];  // before dlogits (possibly in place) overwrites it
+    __syncwarp();
     float* dl = dlogits + i * classes;
     for (Index c = lane; c < classes; c += 32) dl[c] = expf(l[c] - lse) * inv - (c == y ? inv : 0.0f);
-    if (lane == 0) loss += static_cast<double>(lse - l[y]);
+    if (lane == 0) loss += static_cast<double>(lse - ly);
   }
   if (lane == 0) sh[threadIdx.x >> 5] = loss;
   __syncthreads();

@@ -1,16 +1,21 @@
 // DIFFormer on one GPU (the public face is dfm::cuda::Model in ops/cuda_backend.hpp): the same
 // ModelConfig, the same flat parameter order and the same arithmetic as src/model/difformer.cpp,
 // on the launchers of cuda_ops.hpp. What it keeps between forward and backward is the input of
-// every block's LayerNorm (z_0 .. z_L), the simple kernel's d x d statistics and row
-// denominators, and the sigmoid kernel's output and row sums; the hidden states, Q, K, V and the
-// simple kernel's A are recomputed in backward (cheap next to the memory they would hold), and
-// dropout masks are recomputed from the seed.
+// every diffusion layer's LayerNorm (z_1 .. z_L), the simple kernel's d x d statistics (and row
+// denominators), and the sigmoid kernel's output and row sums; the hidden states, z_0 (one GEMM
+// from x), Q, K, V and the simple kernel's A are recomputed in backward (cheap next to the
+// memory they would hold), and dropout masks are recomputed from the seed.
 //
-// Buffers (T = one [N, D] tensor): z (L+1) T saved; three rotating T (hidden states forward;
+// Buffers (T = one [N, D] tensor): z L T saved; three rotating T (hidden states forward;
 // h_l, dh_{l+1}, dh_l backward); q, k, a: [N, H*D]; v [N, H*D] with use_weight; g [N, Hv*D]
-// (graph term forward, value gradient backward). Backward writes dQ and dK in place of Q and K.
+// (graph term forward, value gradient backward). Backward writes dQ and dK in place of Q and K,
+// and dlogits in place of the logits (unless the loss runs over an index subset).
+// DIFFormer-s with the official global norm, one head and d in {16, 32, 64} takes the fused
+// kernels of attn_simple_fused.cu (DIFFORMER_SIMPLE_UNFUSED=1 forces the cuBLAS path).
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 
 #include "ops/cuda/cuda_ops.hpp"
@@ -85,10 +90,13 @@ struct Model::Impl {
   Index idx_count = 0;
   bool has_labels = false;
 
-  std::vector<DeviceBuffer<float>> z, stats, den, a_saved, rowsum;
-  DeviceBuffer<float> rbuf[3], q, k, v, a, g, qn, kn, qnorm, knorm, dden, logits, dlogits;
+  std::vector<DeviceBuffer<float>> z, stats, den, a_saved, rowsum;  // z[0] stays empty (recomputed)
+  DeviceBuffer<float> rbuf[3], q, k, v, a, g, qn, kn, qnorm, knorm, dden, fused_work, logits, dlogits;
+  bool fused = false;  // DIFFormer-s through attn_simple_fused.cu
 
-  bool fwd_done = false, fwd_training = false;
+  // fwd_done: z_0..z_L and the logits hold the last forward. bwd_ready: the rotating buffers
+  // still hold h_{L-1}, h_L (backward consumes them; a second backward needs a new forward).
+  bool fwd_done = false, bwd_ready = false, fwd_training = false;
   cudaGraph_t graph = nullptr;
   cudaGraphExec_t graph_exec = nullptr;
   bool graph_failed = false;
@@ -179,7 +187,7 @@ struct Model::Impl {
               " nodes but the input has ", in.rows(), " rows");
     DFM_CHECK(in.rows() < (Index{1} << 31), "--device cuda: at most 2^31 - 1 rows");
     drop_graph();
-    fwd_done = false;
+    fwd_done = bwd_ready = false;
     n = in.rows();
     sparse_in = in.dense == nullptr;
     x.reset(), xs.clear(), xst.clear(), w_in_t.reset(), dw_in_t.reset();
@@ -205,36 +213,40 @@ struct Model::Impl {
     }
     allocate_activations();
     if (has_labels && labels.size() != static_cast<std::size_t>(n)) has_labels = false;
-    if (idx_count > 0) idx.reset(), idx_count = 0;
+    if (idx_count > 0) idx.reset(), dlogits.reset(), idx_count = 0;
   }
 
   void allocate_activations() {
     auto T = [&](Index cols) { return DeviceBuffer<float>(ctx, static_cast<std::size_t>(std::max<Index>(n * cols, 1))); };
     const int L = cfg.layers;
     z.clear(), stats.clear(), den.clear(), a_saved.clear(), rowsum.clear();
-    for (auto& b : {&q, &k, &v, &a, &g, &qn, &kn, &qnorm, &knorm, &dden, &logits, &dlogits}) b->reset();
+    for (auto& b : {&q, &k, &v, &a, &g, &qn, &kn, &qnorm, &knorm, &dden, &fused_work, &logits, &dlogits}) b->reset();
     for (auto& b : rbuf) b.reset();
-    for (int l = 0; l <= L; ++l) z.push_back(T(D));
+    z.emplace_back();  // z_0 is recomputed from x when needed
+    for (int l = 1; l <= L; ++l) z.push_back(T(D));
     for (auto& b : rbuf) b = T(D);
     if (attention()) {
       q = T(HD), k = T(HD), a = T(HD), dden = T(H);
     }
     if (cfg.use_weight) v = T(HD);
     if (cfg.use_graph || attention()) g = T(HvD);
+    const char* unfused = std::getenv("DIFFORMER_SIMPLE_UNFUSED");
+    fused = attention() && simple() && norm() == Norm::global && H == 1 && ca == 1.0f &&
+            simple_fused_supported(dims()) && !(unfused && std::string(unfused) == "1");
     if (attention() && simple()) {
       for (int l = 0; l < L; ++l) {
-        stats.emplace_back(ctx, simple_stats_floats(dims()));
-        den.push_back(T(H));
+        stats.emplace_back(ctx, std::max(simple_stats_floats(dims()), simple_fused_stats_floats(dims())));
+        if (!fused) den.push_back(T(H));
       }
       if (norm() == Norm::node) qn = T(HD), kn = T(HD), qnorm = T(H), knorm = T(H);
+      if (fused) fused_work = DeviceBuffer<float>(ctx, simple_fused_work_floats(dims()));
     }
     if (attention() && !simple())
       for (int l = 0; l < L; ++l) {
         a_saved.push_back(T(HD));
         rowsum.push_back(T(H));
       }
-    logits = T(C);
-    dlogits = T(C);
+    logits = T(C);  // dlogits overwrite it, unless the loss has an index subset (set_train_index)
   }
 
   // ---- forward -------------------------------------------------------------------------------------
@@ -255,14 +267,19 @@ struct Model::Impl {
     return r;
   }
 
-  void input_forward(bool training) {
+  // z_0 = x W_in^T + b_in into out (not kept: one GEMM from x recomputes it)
+  void compute_z0(float* out) {
     if (!sparse_in) {
-      linear_fwd(ctx, x.data(), n, cfg.in_features, P(fc_in_w), D, P(fc_in_b), z[0].data());
+      linear_fwd(ctx, x.data(), n, cfg.in_features, P(fc_in_w), D, P(fc_in_b), out);
     } else {
       transpose(ctx, P(fc_in_w), D, cfg.in_features, w_in_t.data());
-      spmm(ctx, xs.view, w_in_t.data(), D, D, z[0].data(), D, 1.0f, 0.0f, P(fc_in_b));
+      spmm(ctx, xs.view, w_in_t.data(), D, D, out, D, 1.0f, 0.0f, P(fc_in_b));
     }
-    row_norm_fwd(ctx, hidden_norm(0, training, z[0].data(), rbuf[0].data()));
+  }
+
+  void input_forward(bool training) {
+    compute_z0(rbuf[1].data());  // h_1's buffer is free until layer 0 writes it
+    row_norm_fwd(ctx, hidden_norm(0, training, rbuf[1].data(), rbuf[0].data()));
   }
 
   const float* project_v(const LayerOff& o, const float* h) {
@@ -288,7 +305,10 @@ struct Model::Impl {
     const float* att = nullptr;
     if (attention()) {
       project_qk(o, h);
-      if (simple()) {
+      if (fused) {
+        simple_fused_fwd(ctx, dims(), q.data(), k.data(), vp, a.data(), stats[l].data(), fused_work.data());
+        att = a.data();
+      } else if (simple()) {
         SimpleSaved s = simple_saved(l);
         simple_attn_fwd(ctx, dims(), norm(), q.data(), k.data(), vp, a.data(), s);
         att = a.data();
@@ -321,14 +341,16 @@ struct Model::Impl {
     input_forward(training);
     for (int l = 0; l < cfg.layers; ++l) layer_forward(l, training, hidden_buf(l), hidden_buf(l + 1));
     linear_fwd(ctx, hidden_buf(cfg.layers), n, D, P(fc_out_w), C, P(fc_out_b), logits.data());
-    fwd_done = true;
+    fwd_done = bwd_ready = true;
     fwd_training = training;
   }
+
+  float* dlogits_buf() { return idx_count ? dlogits.data() : logits.data(); }
 
   void loss_body() {
     DFM_CHECK(has_labels, "model: set_labels() first");
     cross_entropy(ctx, logits.data(), n, C, labels.data(), idx_count ? idx.data() : nullptr, idx_count,
-                  dlogits.data(), loss.data());
+                  dlogits_buf(), loss.data());
   }
 
   // ---- backward ------------------------------------------------------------------------------------
@@ -351,31 +373,39 @@ struct Model::Impl {
     const float* d_o = dh;
 
     const float* vp = project_v(o, h);
-    bool dv_valid = false;
-    if (cfg.use_graph) {
-      spmm(ctx, adjt_view, d_o, D, D, g.data(), HvD, cg / static_cast<float>(Hv), 0.0f, nullptr,
-           static_cast<int>(Hv), D);
-      dv_valid = true;
-    }
+    bool dv_valid = false;  // g holds the value gradient (attention part written first, graph added)
+    float *dq = nullptr, *dk = nullptr;
     if (attention()) {
       project_qk(o, h);
       const float da_scale = ca / static_cast<float>(H);
-      float *dq = q.data(), *dk = nullptr;
-      if (simple()) {
+      dq = q.data();
+      if (fused) {  // H = 1 and da_scale = 1: dA is d_o itself
+        simple_fused_rows(ctx, dims(), q.data(), stats[l].data(), a.data());
+        simple_fused_bwd(ctx, dims(), q.data(), k.data(), vp, a.data(), d_o, stats[l].data(), q.data(), k.data(),
+                         g.data(), fused_work.data());
+        dk = k.data();
+      } else if (simple()) {
         SimpleSaved s = simple_saved(l);
         if (norm() == Norm::node)
           simple_attn_fwd(ctx, dims(), norm(), q.data(), k.data(), vp, a.data(), s);  // qn, kn, A again
         else
           simple_attn_rows(ctx, dims(), norm(), q.data(), s, a.data());
         simple_attn_bwd(ctx, dims(), norm(), q.data(), k.data(), vp, a.data(), d_o, D, 0, da_scale, s, g.data(),
-                        dv_valid ? 1.0f : 0.0f, dden.data());
+                        0.0f, dden.data());
         dk = k.data();
       } else {
         sigmoid_attn_bwd(ctx, dims(), q.data(), k.data(), vp, a_saved[l].data(), rowsum[l].data(), d_o, D, 0,
-                         da_scale, q.data(), a.data(), g.data(), dv_valid ? 1.0f : 0.0f, dden.data());
+                         da_scale, q.data(), a.data(), g.data(), 0.0f, dden.data());
         dk = a.data();
       }
       dv_valid = true;
+    }
+    if (cfg.use_graph) {
+      spmm(ctx, adjt_view, d_o, D, D, g.data(), HvD, cg / static_cast<float>(Hv), dv_valid ? 1.0f : 0.0f, nullptr,
+           static_cast<int>(Hv), D);
+      dv_valid = true;
+    }
+    if (attention()) {
       linear_bwd(ctx, h, n, D, P(o.wq), HD, dq, out, 1.0f, G(o.wq), G(o.bq));
       linear_bwd(ctx, h, n, D, P(o.wk), HD, dk, out, 1.0f, G(o.wk), G(o.bk));
     }
@@ -388,25 +418,31 @@ struct Model::Impl {
   }
 
   void backward_body() {
-    DFM_CHECK(fwd_done, "model: backward() needs a forward() first");
+    DFM_CHECK(bwd_ready, "model: backward() needs a forward() first (one backward per forward)");
+    bwd_ready = false;
     const int L = cfg.layers;
     // the three rotating buffers: h_L sits in hidden_buf(L), h_{L-1} in hidden_buf(L-1)
     float* dh = rbuf[2].data();
-    linear_bwd(ctx, hidden_buf(L), n, D, P(fc_out_w), C, dlogits.data(), dh, 0.0f, G(fc_out_w), G(fc_out_b));
+    linear_bwd(ctx, hidden_buf(L), n, D, P(fc_out_w), C, dlogits_buf(), dh, 0.0f, G(fc_out_w), G(fc_out_b));
     float* free_buf = hidden_buf(L);  // h_L is no longer needed
     float* hbuf = L > 0 ? hidden_buf(L - 1) : nullptr;
     for (int l = L - 1; l >= 0; --l) {
-      if (l < L - 1) row_norm_fwd(ctx, hidden_norm(l, fwd_training, z[l].data(), hbuf));  // recompute h_l
+      if (l < L - 1) {  // recompute h_l (from z_0 recomputed into the free buffer, for l = 0)
+        const float* zl = z[l].data();
+        if (l == 0) compute_z0(free_buf), zl = free_buf;
+        row_norm_fwd(ctx, hidden_norm(l, fwd_training, zl, hbuf));
+      }
       float* out = free_buf;
       layer_backward(l, hbuf, dh, out);
       free_buf = dh;
       dh = out;
     }
-    // input block: dh = dh_0
+    // input block: dh = dh_0; z_0 once more into the free buffer
+    compute_z0(free_buf);
     RowNormBwd r;
     r.n = n, r.d = D;
     r.dy = dh;
-    r.z = z[0].data();
+    r.z = free_buf;
     r.ln = cfg.use_ln;
     r.gamma = P(ln_in_g), r.beta = P(ln_in_b), r.eps = kLayerNormEps;
     r.dgamma = G(ln_in_g), r.dbeta = G(ln_in_b);
@@ -451,7 +487,7 @@ struct Model::Impl {
     const bool same_hyper = std::memcmp(&hp, &graph_hyper, sizeof hp) == 0;
     if (graph_exec && same_hyper) {
       DFM_CUDA_CHECK(cudaGraphLaunch(graph_exec, ctx.stream()));
-      fwd_done = true, fwd_training = true;
+      fwd_done = true, bwd_ready = false, fwd_training = true;
       return;
     }
     if (!opt.cuda_graph || graph_failed || eager_steps == 0) {  // the first step sizes the scratch arena
@@ -483,7 +519,7 @@ struct Model::Impl {
       return;
     }
     DFM_CUDA_CHECK(cudaGraphLaunch(graph_exec, ctx.stream()));
-    fwd_done = true, fwd_training = true;
+    fwd_done = true, bwd_ready = false, fwd_training = true;
   }
 };
 
@@ -530,6 +566,7 @@ void Model::set_train_index(const std::vector<std::int64_t>& idx) {
   Impl& m = *impl_;
   m.drop_graph();
   m.idx.reset();
+  m.dlogits.reset();
   m.idx_count = static_cast<Index>(idx.size());
   if (idx.empty()) return;
   std::vector<std::int32_t> i32(idx.size());
@@ -539,6 +576,7 @@ void Model::set_train_index(const std::vector<std::int64_t>& idx) {
   }
   m.idx = DeviceBuffer<std::int32_t>(m.ctx, i32.size());
   m.idx.upload(i32);
+  m.dlogits = DeviceBuffer<float>(m.ctx, static_cast<std::size_t>(std::max<Index>(m.n * m.C, 1)));
 }
 
 void Model::forward(bool training, std::uint64_t dropout_seed) {
@@ -556,9 +594,11 @@ void Model::download_hidden(std::vector<Mat>& hidden) {
   Impl& m = *impl_;
   DFM_CHECK(m.fwd_done, "download_hidden: no forward yet");
   DeviceBuffer<float> tmp(m.ctx, static_cast<std::size_t>(std::max<Index>(m.n * m.D, 1)));
+  DeviceBuffer<float> z0(m.ctx, static_cast<std::size_t>(std::max<Index>(m.n * m.D, 1)));
+  m.compute_z0(z0.data());
   hidden.assign(static_cast<std::size_t>(m.cfg.layers) + 1, Mat());
   for (int j = 0; j <= m.cfg.layers; ++j) {
-    row_norm_fwd(m.ctx, m.hidden_norm(j, m.fwd_training, m.z[j].data(), tmp.data()));
+    row_norm_fwd(m.ctx, m.hidden_norm(j, m.fwd_training, j == 0 ? z0.data() : m.z[j].data(), tmp.data()));
     hidden[j].resize(m.n, m.D);
     tmp.download(hidden[j].data(), static_cast<std::size_t>(hidden[j].size()));
   }

@@ -25,7 +25,10 @@ struct LargeFlags {
   int epochs = 1, runs = 1, eval_every = 1, threads = 0;
   std::uint64_t seed = 0;
   float lr = 1e-2f, weight_decay = 0.0f;
-  bool undirected = false, no_self_loops = false, model_path = false, quiet = false, estimate_only = false;
+  std::string path = "lean";  // lean | model | auto
+  std::string eval_path = "lean";  // lean | model
+  double step_budget_mb = 1024;
+  bool undirected = false, no_self_loops = false, quiet = false, estimate_only = false;
   bool no_weight = false;
   ModelFlags model;
   LargeFlags() {
@@ -36,6 +39,9 @@ struct LargeFlags {
   }
 };
 
+// Declare the subcommands and their flags (synth_cmd.cpp, large_cmd.cpp).
+CLI::App* add_synth_command(CLI::App& app, SynthFlags& f);
+CLI::App* add_train_large_command(CLI::App& app, LargeFlags& f);
 int run_synth(const SynthFlags& f);
 // sub: the parsed subcommand (to tell flags the user passed from defaults a preset may replace).
 int run_train_large(LargeFlags f, const CLI::App* sub);

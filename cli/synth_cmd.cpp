@@ -49,9 +49,8 @@ int run_synth(const SynthFlags& f) {
   return 0;
 }
 
-void LargeCli::add(CLI::App& app) {
-  SynthFlags& s = synth_flags;
-  synth = app.add_subcommand("synth", "write a stochastic block model graph with class-dependent features (.npz)");
+CLI::App* add_synth_command(CLI::App& app, SynthFlags& s) {
+  CLI::App* synth = app.add_subcommand("synth", "write a stochastic block model graph with class-dependent features (.npz)");
   synth->add_option("--nodes", s.nodes, "N")->required();
   synth->add_option("--avg-degree", s.avg_degree, "directed edges per node (N*K/2 pairs, both directions)")
       ->capture_default_str();
@@ -67,52 +66,7 @@ void LargeCli::add(CLI::App& app) {
   synth->add_option("--threads", s.threads, "CPU threads (0: all)")->capture_default_str();
   synth->add_option("--json", s.json_out, "write a summary as JSON here");
   synth->add_flag("--quiet", s.quiet, "no summary line");
-
-  LargeFlags& f = large_flags;
-  large = app.add_subcommand(
-      "train-large",
-      "large-graph training (SPEC.md section 3): mini-batches of B random nodes (induced subgraphs), full-graph "
-      "evaluation in bounded memory, .npz or OGB raw directories; --preset proteins-s | pokec-s");
-  large->add_option("--data", f.data, ".npz (x, y [N] or [N,T], edge_index, ...) or an OGB dataset directory (raw/, split/)")
-      ->required();
-  large->add_option("--preset", f.preset, "proteins-s or pokec-s: the paper's settings; flags you pass override them");
-  f.model.add(large);
-  large->add_flag("--no-weight", f.no_weight, "no value projection Wv (the default here is Wv on)");
-  large->add_option("--batch-size", f.batch_size, "B nodes per mini-batch; 0: full-graph training (no partitioning)")
-      ->capture_default_str();
-  large->add_option("--epochs", f.epochs, "epochs")->capture_default_str();
-  large->add_option("--runs", f.runs, "independent runs; run r uses seed + r")->capture_default_str();
-  large->add_option("--seed", f.seed, "base seed (initialisation, permutations, random splits)")->capture_default_str();
-  large->add_option("--lr", f.lr, "Adam learning rate")->capture_default_str();
-  large->add_option("--weight-decay", f.weight_decay, "coupled L2 weight decay")->capture_default_str();
-  large->add_option("--eval-every", f.eval_every,
-                    "full-graph evaluation when epoch % K == 0 (the official eval_step); 0: never")
-      ->capture_default_str();
-  large->add_option("--metric", f.metric, "accuracy or rocauc (default: rocauc for multi-label y [N,T], else accuracy)");
-  large->add_option("--split", f.split,
-                    "file (the .npz's train_idx/val_idx/test_idx or the OGB split), ogb:<name> (split/<name>), or "
-                    "ratio:TRAIN,VALID (random over labelled nodes, fresh per run); default: file when present, else "
-                    "ratio:0.5,0.25");
-  large->add_flag("--undirected", f.undirected, "add reversed edges and drop duplicates (to_undirected)");
-  large->add_flag("--no-self-loops", f.no_self_loops, "keep the graph's self-loops as they are (default: one per node)");
-  large->add_flag("--model-path", f.model_path,
-                  "use DIFFormer::forward/backward (keeps all activations) instead of the memory-lean path");
-  large->add_flag("--estimate-only", f.estimate_only, "load, print the memory estimate, and stop");
-  large->add_option("--threads", f.threads, "CPU threads (0: all)")->capture_default_str();
-  large->add_option("--json", f.json_out, "write the results as JSON here");
-  large->add_flag("--quiet", f.quiet, "only the summary line");
-}
-
-bool LargeCli::dispatch(int& rc) {
-  if (synth && *synth) {
-    rc = run_synth(synth_flags);
-    return true;
-  }
-  if (large && *large) {
-    rc = run_train_large(large_flags, large);
-    return true;
-  }
-  return false;
+  return synth;
 }
 
 }  // namespace dfm::cli

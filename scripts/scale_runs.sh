@@ -49,9 +49,9 @@ if [[ $WHAT == all || $WHAT == step ]]; then
       --out "$OUT/batch100k.npz" --json "$OUT/synth_batch100k.json"
   # --batch-size 0: the whole file is the batch: exactly one optimiser step, no evaluation
   run "$BIN" train-large --data "$OUT/batch100k.npz" --preset pokec-s --no-self-loops --batch-size 0 --epochs 1 \
-    --eval-every 0 --runs 1 --threads "$THREADS" --json "$OUT/step100k.json"
+    --eval-every 0 --runs 1 --path lean --threads "$THREADS" --json "$OUT/step100k.json"
   run "$BIN" train-large --data "$OUT/batch100k.npz" --preset pokec-s --no-self-loops --batch-size 0 --epochs 1 \
-    --eval-every 0 --runs 1 --model-path --threads "$THREADS" --json "$OUT/step100k_model.json"
+    --eval-every 0 --runs 1 --path model --threads "$THREADS" --json "$OUT/step100k_model.json"
 fi
 
 python3 - "$OUT" <<'EOF'

@@ -468,4 +468,15 @@ TEST(LargeDriver, MemoryEstimateScalesWithBatchNotGraph) {
   EXPECT_EQ(find_large_preset("pokec-s")->batch_size, 100000);
   EXPECT_EQ(find_large_preset("proteins-s")->hidden, 64);
   EXPECT_EQ(find_large_preset("nope"), nullptr);
+  const auto flags = large_preset_flags(*find_large_preset("proteins-s"));
+  auto value = [&](const std::string& k) {
+    for (const auto& [f, v] : flags)
+      if (f == k) return v;
+    return std::string("<absent>");
+  };
+  EXPECT_EQ(value("--batch-size"), "10000");
+  EXPECT_EQ(value("--lr"), "0.01");
+  EXPECT_EQ(value("--use-weight"), "true");
+  EXPECT_EQ(value("--metric"), "rocauc");
+  EXPECT_EQ(value("--undirected"), "<absent>");
 }

@@ -163,7 +163,7 @@ TEST_F(SynthFiles, SynthAndTrainLargeCommandsWriteJson) {
   EXPECT_EQ(s["nodes"], 3000);
   EXPECT_GT(s["edges"].get<long>(), 23000);
   const std::string train = cli + " train-large --data " + data +
-                            " --preset pokec-s --hidden 16 --batch-size 1000 --epochs 4 --eval-every 2 --runs 2 "
+                             " --preset pokec-s --hidden 16 --batch-size 1000 --epochs 4 --eval-every 2 --runs 2 --threads 1 "
                             "--json " + tj + " --quiet > /dev/null";
   ASSERT_EQ(std::system(train.c_str()), 0) << train;
   nlohmann::json t = nlohmann::json::parse(std::ifstream(tj));

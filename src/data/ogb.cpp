@@ -32,7 +32,7 @@ NodeTargets NodeTargets::gather(const std::vector<std::int64_t>& nodes) const {
   const Index m = static_cast<Index>(nodes.size());
   if (multilabel) {
     out.ym.resize(m, ym.cols());
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (m > 4096)
     for (Index p = 0; p < m; ++p) out.ym.row(p) = ym.row(nodes[p]);
   } else {
     out.y.resize(static_cast<size_t>(m));
@@ -463,7 +463,7 @@ std::vector<float> normalised_values(const Csr& a, const std::vector<float>& wei
   const Index n = a.rows;
   const bool weighted = !weight.empty();
   std::vector<float> out(static_cast<size_t>(a.nnz()));
-#pragma omp parallel for schedule(dynamic, 1024)
+#pragma omp parallel for schedule(dynamic, 1024) if (n > 4096)
   for (Index i = 0; i < n; ++i) {
     const double di = static_cast<double>(a.indptr[i + 1] - a.indptr[i]);
     for (Index e = a.indptr[i]; e < a.indptr[i + 1]; ++e) {

@@ -99,12 +99,22 @@ Slots find_slots(const ParamStore& p, const ModelConfig& c) {
   return s;
 }
 
+// The lean path parallelises over row blocks itself; Eigen must not start its own GEMM teams
+// (on a small block that is all barrier, and Eigen's workers busy-wait on each other).
+struct EigenSerial {
+  int prev = Eigen::nbThreads();
+  EigenSerial() { Eigen::setNbThreads(1); }
+  ~EigenSerial() { Eigen::setNbThreads(prev); }
+  EigenSerial(const EigenSerial&) = delete;
+  EigenSerial& operator=(const EigenSerial&) = delete;
+};
+
 // Runs fn(thread, lo, m) over blocks of kRows rows; static schedule, so that per-thread partial
 // sums (reduced in thread order) are deterministic for a given thread count.
 template <typename Fn>
 void for_blocks(Index n, Fn&& fn) {
   const Index nb = (n + kRows - 1) / kRows;
-#pragma omp parallel
+#pragma omp parallel if (nb > 1)  // one block: no team (barriers are costly on a busy machine)
   {
     const int t = omp_get_thread_num();
 #pragma omp for schedule(static)
@@ -426,6 +436,7 @@ bool lean_supported(const ModelConfig& c) { return c.kernel == Kernel::simple ||
 
 void lean_forward(const DIFFormer& model, const Mat& x, const GraphOp* graph, Mat& logits) {
   check_inputs(model, x, graph);
+  const EigenSerial serial;
   const ModelConfig& cfg = model.config();
   const Slots sl = find_slots(model.params, cfg);
   const Index n = x.rows();
@@ -450,6 +461,7 @@ void lean_forward(const DIFFormer& model, const Mat& x, const GraphOp* graph, Ma
 float lean_forward_backward(DIFFormer& model, const Mat& x, const GraphOp* graph, bool training,
                             std::uint64_t dropout_seed, const LossFn& loss, LeanWorkspace& ws) {
   check_inputs(model, x, graph);
+  const EigenSerial serial;
   const ModelConfig& cfg = model.config();
   const Slots sl = find_slots(model.params, cfg);
   ParamStore& P = model.params;
@@ -856,7 +868,8 @@ LargeRunResult train_large_run(const LargeDataset& d, const ModelConfig& cfg, co
       const auto t0 = std::chrono::steady_clock::now();
       // the graph's own operator (normalised at load); adj_t is not needed for inference
       const GraphOp* g = cfg.use_graph ? &d.graph.op : nullptr;
-      evaluate_large(model, d, g, split, opt.metric, opt.lean, logits, rep.train, rep.val, rep.test);
+      // streaming inference whatever the training path: its memory is the N-sized bound
+      evaluate_large(model, d, g, split, opt.metric, opt.lean_eval, logits, rep.train, rep.val, rep.test);
       logits.resize(0, 0);
       rep.eval_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
       r.eval_peak_rss = std::max(r.eval_peak_rss, phase_peak_rss_bytes());
@@ -881,6 +894,8 @@ const std::vector<LargePreset>& large_presets() {
     std::vector<LargePreset> v;
     LargePreset p;
     p.name = "proteins-s";
+    p.data_file = "ogbn-proteins";  // the OGB directory (raw/, split/species/)
+    p.published = "79.49 +- 0.44 ROC-AUC";
     p.description = "ogbn-proteins, DIFFormer-s: 3 layers, hidden 64, Wv, lr 1e-2, wd 0, dropout 0, batch 10000, "
                     "1000 epochs, eval every 9, ROC-AUC, the OGB species split, graph as stored + self-loops";
     p.hidden = 64;
@@ -892,6 +907,8 @@ const std::vector<LargePreset>& large_presets() {
     v.push_back(p);
     p = LargePreset{};
     p.name = "pokec-s";
+    p.data_file = "pokec.npz";
+    p.published = "69.24 +- 0.76 accuracy";
     p.description = "Pokec, DIFFormer-s: 3 layers, hidden 128, Wv, lr 1e-2, wd 0, dropout 0, batch 100000, 500 epochs, "
                     "eval every 9, accuracy, random 50/25/25 split per run, undirected + self-loops";
     p.hidden = 128;
@@ -904,6 +921,38 @@ const std::vector<LargePreset>& large_presets() {
     return v;
   }();
   return presets;
+}
+
+std::vector<std::pair<std::string, std::string>> large_preset_flags(const LargePreset& p) {
+  auto num = [](double v) {
+    std::ostringstream os;
+    os << v;
+    return os.str();
+  };
+  std::vector<std::pair<std::string, std::string>> f = {
+      {"--kernel", kernel_name(p.kernel)},
+      {"--layers", std::to_string(p.layers)},
+      {"--hidden", std::to_string(p.hidden)},
+      {"--heads", std::to_string(p.heads)},
+      {"--alpha", num(p.alpha)},
+      {"--dropout", num(p.dropout)},
+      {"--lr", num(p.lr)},
+      {"--weight-decay", num(p.weight_decay)},
+      {"--batch-size", std::to_string(p.batch_size)},
+      {"--epochs", std::to_string(p.epochs)},
+      {"--runs", std::to_string(p.runs)},
+      {"--eval-every", std::to_string(p.eval_every)},
+      {"--seed", std::to_string(p.seed)},
+      {"--metric", p.metric},
+      {"--split", p.split},
+  };
+  if (p.use_weight) f.emplace_back("--use-weight", "true");
+  if (!p.use_graph) f.emplace_back("--no-graph", "true");
+  if (!p.use_ln) f.emplace_back("--no-ln", "true");
+  if (!p.use_residual) f.emplace_back("--no-residual", "true");
+  if (p.undirected) f.emplace_back("--undirected", "true");
+  if (!p.self_loops) f.emplace_back("--no-self-loops", "true");
+  return f;
 }
 
 const LargePreset* find_large_preset(const std::string& name) {

@@ -45,7 +45,7 @@ double roc_auc(const std::vector<float>& score, const std::vector<std::uint8_t>&
 double accuracy_classes(const Mat& logits, const std::vector<std::int64_t>& y, const std::vector<std::int64_t>& idx) {
   if (idx.empty()) return 0.0;
   Index correct = 0;
-#pragma omp parallel for reduction(+ : correct) schedule(static)
+#pragma omp parallel for reduction(+ : correct) schedule(static) if (idx.size() > 20000)
   for (size_t k = 0; k < idx.size(); ++k) {
     const auto i = idx[k];
     Index pred = 0;
@@ -71,7 +71,7 @@ double rocauc_multilabel(const Mat& logits, const Mat& y, const std::vector<std:
   DFM_CHECK(logits.cols() == y.cols(), "rocauc: ", logits.cols(), " outputs but ", y.cols(), " tasks");
   const Index tasks = y.cols();
   std::vector<double> auc(static_cast<size_t>(tasks), std::numeric_limits<double>::quiet_NaN());
-#pragma omp parallel for schedule(dynamic, 1)
+#pragma omp parallel for schedule(dynamic, 1) if (tasks > 1 && idx.size() * tasks > 20000)
   for (Index t = 0; t < tasks; ++t) {
     std::vector<float> s;
     std::vector<std::uint8_t> l;

@@ -58,7 +58,7 @@ void Partitioner::induce(const std::int64_t* nodes, Index count, Chunk& out) {
   }
   // Count the kept in-edges of each position, then fill in order (parallel over targets).
   std::vector<Index> start(static_cast<size_t>(count) + 1, 0);
-#pragma omp parallel for schedule(dynamic, 256)
+#pragma omp parallel for schedule(dynamic, 256) if (count > 4096)
   for (Index p = 0; p < count; ++p) {
     const auto i = nodes[p];
     Index k = 0;
@@ -70,7 +70,7 @@ void Partitioner::induce(const std::int64_t* nodes, Index count, Chunk& out) {
   out.src.resize(total);
   out.dst.resize(total);
   out.weight.resize(g_.weighted() ? total : 0);
-#pragma omp parallel for schedule(dynamic, 256)
+#pragma omp parallel for schedule(dynamic, 256) if (count > 4096)
   for (Index p = 0; p < count; ++p) {
     const auto i = nodes[p];
     Index w = start[p];
@@ -182,7 +182,7 @@ EpochStats train_minibatch_epoch(DIFFormer& model, Adam& adam, const LargeDatase
       chunk.nodes.assign(nodes, nodes + m);
     }
     ws.x.resize(m, d.features);
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (m > 4096)
     for (Index p = 0; p < m; ++p) ws.x.row(p) = d.x.row(nodes[p]);
     const NodeTargets t = d.targets.gather(chunk.nodes);
     loss_sum += train_step(model, adam, ws.x, cfg.use_graph ? &op : nullptr, t, rows, step_seed(seed, epoch, k), lean, ws);

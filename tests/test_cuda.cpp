@@ -947,7 +947,27 @@ void check_folded_layer(Index n, Index d, bool use_v, bool graph, bool in_place)
   EXPECT_LE(rel_err(host(dwqd, d, d), dwq), kGemm) << "dWq " << tag;
   EXPECT_LE(rel_err(host(dbqd, d, 1), dbq), kGemm) << "dbq " << tag;
   EXPECT_LE(rel_err(host(dwkd, d, d), dwk), kGemm) << "dWk " << tag;
-  EXPECT_LE(rel_err(host(dbkd, d, 1), dbk), kGemm) << "dbk " << tag;
+  // The K-bias gradient is a cancellation of O(N) terms (N f against gamma_k (Wk u + N bk)): the CPU
+  // folds it in float, the GPU in double from float sums. Both against the double reference
+  // (project, ref::simple_attn_fwd/bwd, column sums of dK); the GPU must be within kGemm.
+  {
+    const MatD h64 = h.cast<double>();
+    MatD q64, k64, v64 = h64;
+    ref::linear_fwd(h64, wq.cast<double>(), bq.col(0).cast<double>(), q64);
+    ref::linear_fwd(h64, wk.cast<double>(), bk.col(0).cast<double>(), k64);
+    if (use_v) ref::linear_fwd(h64, wv.cast<double>(), bv.col(0).cast<double>(), v64);
+    SimpleAttnStateD st64;
+    MatD a64, dq64, dk64, dv64;
+    ref::simple_attn_fwd(q64, k64, v64, 1, QkNorm::global, a64, st64);
+    ref::simple_attn_bwd(v64, 1, a64, st64, da.cast<double>(), dq64, dk64, dv64);
+    const MatD dbk64 = dk64.colwise().sum().transpose(), dbq64 = dq64.colwise().sum().transpose();
+    const double gpu_err = rel_err_floor(host(dbkd, d, 1), dbk64, 0.0), cpu_err = rel_err_floor(dbk, dbk64, 0.0);
+    std::printf("folded layer %s: dbk rel err vs double reference: GPU %.2e, CPU float %.2e\n", tag.c_str(), gpu_err,
+                cpu_err);
+    EXPECT_LE(gpu_err, kGemm) << "dbk vs double " << tag;
+    EXPECT_LE(rel_err_floor(host(dbqd, d, 1), dbq64, 0.0), kGemm) << "dbq vs double " << tag;
+    EXPECT_LE(rel_err(host(dbkd, d, 1), dbk), 1e-3) << "dbk vs CPU float " << tag;
+  }
   if (use_v) {
     EXPECT_LE(rel_err(host(dwvd, d, d), dwv), kGemm) << "dWv " << tag;
     EXPECT_LE(rel_err(host(dbvd, d, 1), dbv), kGemm) << "dbv " << tag;
@@ -1003,7 +1023,10 @@ void check_folded_model(ModelConfig cfg, Index n, bool subset) {
     for (const auto& slot : got.slots) {
       const Mat ref = Eigen::Map<const Mat>(cpu_model.params.grads.data() + slot.offset, slot.rows, slot.cols);
       const Mat gg = Eigen::Map<const Mat>(got.grads.data() + slot.offset, slot.rows, slot.cols);
-      EXPECT_LE(rel_err(gg, ref), kGemm) << "step " << s << " grad " << slot.name;
+      // Wk.bias: a cancellation of O(N) float terms on the CPU (FoldedSimpleLayerMatchesCpu checks
+      // the GPU's against the double reference at kGemm); 1e-3 here.
+      const bool kbias = slot.name.find("Wk.bias") != std::string::npos;
+      EXPECT_LE(rel_err(gg, ref), kbias ? 1e-3 : kGemm) << "step " << s << " grad " << slot.name;
     }
     adam.step(cpu_model.params);
     gm.adam_step(AdamOptions{0.01f, 1e-3f});

@@ -746,115 +746,126 @@ __device__ __forceinline__ void tile_rowmm_add(float (&acc)[4][4], const float* 
     }
 }
 
-// ---- forward fold: one block ------------------------------------------------------------------
+// ---- forward fold: six short launches (phase 2 is one block: the two norms) ---------------------
+// Multi-block phases spread their d x d elements over the grid; the kernel boundaries order them.
+#define DFM_FOLD_LOOP(e, count) for (int e = gid; e < (count); e += gnt)
 template <int D>
 __global__ void __launch_bounds__(1024)
-    folded_fwd_fold_kernel(const float* __restrict__ part, int nblk, FoldedWeights w, float* __restrict__ st,
-                           float* __restrict__ work, int N) {
+    folded_fwd_fold_kernel(int phase, const float* __restrict__ part, int nblk, FoldedWeights w,
+                           float* __restrict__ st, float* __restrict__ work, int N) {
     using L = FL<D>;
     using W = WL<D>;
     __shared__ double sh[32];
-    const int tid = threadIdx.x, nt = blockDim.x;
+    const int gid = blockIdx.x * blockDim.x + threadIdx.x, gnt = gridDim.x * blockDim.x;
     const double Nd = (double)N;
     float* G = st + L::G;
     float* u = st + L::U;
-    for (int e = tid; e < D * D + D; e += nt) {  // the reduce records start with K^T V = G, then sum K = u
-        double s = 0;
-        for (int b = 0; b < nblk; b++) s += part[(size_t)b * Cfg<D>::PREC + e];
-        G[e] = (float)s;
-    }
-    __syncthreads();
     float* WqG = work + W::T;
     float* WkG = WqG + D * D;
     float* KV0 = WkG + D * D;
     float* Wqu = work + W::V;
     float* Wku = Wqu + D;
     float* vs = Wku + D;
-    for (int e = tid; e < D * D; e += nt) {
-        const int i = e / D, j = e % D;
-        double a = 0, b = 0;
-        for (int k = 0; k < D; k++) {
-            const double g = G[k * D + j];
-            a += (double)w.wq[i * D + k] * g;
-            b += (double)w.wk[i * D + k] * g;
-        }
-        WqG[e] = (float)a;
-        WkG[e] = (float)b;
-    }
-    for (int i = tid; i < D; i += nt) {
-        double a = 0, b = 0, c = 0;
-        for (int k = 0; k < D; k++) {
-            a += (double)w.wq[i * D + k] * u[k];
-            b += (double)w.wk[i * D + k] * u[k];
-            if (w.wv) c += (double)w.wv[i * D + k] * u[k];
-        }
-        Wqu[i] = (float)a;
-        Wku[i] = (float)b;
-        vs[i] = w.wv ? (float)(c + Nd * (double)w.bv[i]) : u[i];
-    }
-    __syncthreads();
-    double pq = 0, pk = 0;
-    for (int e = tid; e < D * D; e += nt) {
-        pq += (double)WqG[e] * (double)w.wq[e];
-        pk += (double)WkG[e] * (double)w.wk[e];
-    }
-    for (int i = tid; i < D; i += nt) {
-        const double bq = w.bq[i], bk = w.bk[i];
-        pq += 2.0 * bq * (double)Wqu[i] + Nd * bq * bq;
-        pk += 2.0 * bk * (double)Wku[i] + Nd * bk * bk;
-    }
-    pq = block_sum_all(pq, sh);
-    pk = block_sum_all(pk, sh);
-    const double sq = sqrt(fmax(pq, 0.0)), sk = sqrt(fmax(pk, 0.0));
-    const double isq = 1.0 / sq, isk = 1.0 / sk;
+    double* dsc = reinterpret_cast<double*>(work + W::V + 14 * D);  // [gq, gk, sq, sk]
     float* ks = st + L::KS;
-    for (int i = tid; i < D; i += nt) ks[i] = (float)(((double)Wku[i] + Nd * (double)w.bk[i]) * isk);
-    for (int e = tid; e < D * D; e += nt) {
-        const int i = e / D, j = e % D;
-        KV0[e] = (float)(((double)WkG[e] + (double)w.bk[i] * (double)u[j]) * isk);
-    }
-    __syncthreads();
     float* KV = st + L::KV;
-    for (int e = tid; e < D * D; e += nt) {
-        const int i = e / D, j = e % D;
-        if (w.wv) {
+    if (phase == 0) {
+        DFM_FOLD_LOOP(e, D * D + D) {  // the reduce records start with K^T V = G, then sum K = u
+            double s = 0;
+            for (int b = 0; b < nblk; b++) s += part[(size_t)b * Cfg<D>::PREC + e];
+            G[e] = (float)s;
+        }
+    } else if (phase == 1) {
+        DFM_FOLD_LOOP(e, D * D) {
+            const int i = e / D, j = e % D;
+            double a = 0, b = 0;
+            for (int k = 0; k < D; k++) {
+                const double g = G[k * D + j];
+                a += (double)w.wq[i * D + k] * g;
+                b += (double)w.wk[i * D + k] * g;
+            }
+            WqG[e] = (float)a;
+            WkG[e] = (float)b;
+        }
+        DFM_FOLD_LOOP(i, D) {
+            double a = 0, b = 0, c = 0;
+            for (int k = 0; k < D; k++) {
+                a += (double)w.wq[i * D + k] * u[k];
+                b += (double)w.wk[i * D + k] * u[k];
+                if (w.wv) c += (double)w.wv[i * D + k] * u[k];
+            }
+            Wqu[i] = (float)a;
+            Wku[i] = (float)b;
+            vs[i] = w.wv ? (float)(c + Nd * (double)w.bv[i]) : u[i];
+        }
+    } else if (phase == 2) {  // one block
+        double pq = 0, pk = 0;
+        DFM_FOLD_LOOP(e, D * D) {
+            pq += (double)WqG[e] * (double)w.wq[e];
+            pk += (double)WkG[e] * (double)w.wk[e];
+        }
+        DFM_FOLD_LOOP(i, D) {
+            const double bq = w.bq[i], bk = w.bk[i];
+            pq += 2.0 * bq * (double)Wqu[i] + Nd * bq * bq;
+            pk += 2.0 * bk * (double)Wku[i] + Nd * bk * bk;
+        }
+        pq = block_sum_all(pq, sh);
+        pk = block_sum_all(pk, sh);
+        if (gid == 0) {
+            const double sq = sqrt(fmax(pq, 0.0)), sk = sqrt(fmax(pk, 0.0));
+            dsc[2] = sq;
+            dsc[3] = sk;
+            st[L::SQ] = (float)sq;
+            st[L::SK] = (float)sk;
+        }
+    } else if (phase == 3) {
+        const double isk = 1.0 / dsc[3];
+        DFM_FOLD_LOOP(i, D) ks[i] = (float)(((double)Wku[i] + Nd * (double)w.bk[i]) * isk);
+        DFM_FOLD_LOOP(e, D * D) {
+            const int i = e / D, j = e % D;
+            KV0[e] = (float)(((double)WkG[e] + (double)w.bk[i] * (double)u[j]) * isk);
+        }
+    } else if (phase == 4) {
+        DFM_FOLD_LOOP(e, D * D) {
+            const int i = e / D, j = e % D;
+            if (w.wv) {
+                double a = 0;
+                for (int k = 0; k < D; k++) a += (double)KV0[i * D + k] * (double)w.wv[j * D + k];
+                KV[e] = (float)(a + (double)ks[i] * (double)w.bv[j]);
+            } else {
+                KV[e] = KV0[e];
+            }
+        }
+    } else {
+        const double isq = 1.0 / dsc[2];
+        float* M = st + L::M;
+        float* c = st + L::C;
+        float* mv = st + L::MV;
+        float* wvt = st + L::WVT;
+        float* bvv = st + L::BV;
+        DFM_FOLD_LOOP(e, D * D) {
+            const int i = e / D, j = e % D;
             double a = 0;
-            for (int k = 0; k < D; k++) a += (double)KV0[i * D + k] * (double)w.wv[j * D + k];
-            KV[e] = (float)(a + (double)ks[i] * (double)w.bv[j]);
-        } else {
-            KV[e] = KV0[e];
+            for (int k = 0; k < D; k++) a += (double)w.wq[k * D + i] * (double)KV[k * D + j];
+            M[e] = (float)(a * isq);
+            wvt[e] = w.wv ? w.wv[j * D + i] : (i == j ? 1.0f : 0.0f);  // Wv^T[k][c] = Wv[c][k]
         }
-    }
-    __syncthreads();
-    float* M = st + L::M;
-    float* c = st + L::C;
-    float* mv = st + L::MV;
-    float* wvt = st + L::WVT;
-    float* bvv = st + L::BV;
-    for (int e = tid; e < D * D; e += nt) {
-        const int i = e / D, j = e % D;
-        double a = 0;
-        for (int k = 0; k < D; k++) a += (double)w.wq[k * D + i] * (double)KV[k * D + j];
-        M[e] = (float)(a * isq);
-        wvt[e] = w.wv ? w.wv[j * D + i] : (i == j ? 1.0f : 0.0f);  // Wv^T[k][c] = Wv[c][k]
-    }
-    for (int j = tid; j < D; j += nt) {
-        double a = 0, b = 0;
-        for (int k = 0; k < D; k++) {
-            a += (double)KV[k * D + j] * (double)w.bq[k];
-            b += (double)w.wq[k * D + j] * (double)ks[k];
+        DFM_FOLD_LOOP(j, D) {
+            double a = 0, b = 0;
+            for (int k = 0; k < D; k++) {
+                a += (double)KV[k * D + j] * (double)w.bq[k];
+                b += (double)w.wq[k * D + j] * (double)ks[k];
+            }
+            c[j] = (float)(a * isq + (double)vs[j]);
+            mv[j] = (float)(b * isq);
+            bvv[j] = w.bv ? w.bv[j] : 0.0f;
         }
-        c[j] = (float)(a * isq + (double)vs[j]);
-        mv[j] = (float)(b * isq);
-        bvv[j] = w.bv ? w.bv[j] : 0.0f;
-    }
-    if (tid == 0) {
-        double a = 0;
-        for (int k = 0; k < D; k++) a += (double)w.bq[k] * (double)ks[k];
-        st[L::SQ] = (float)sq;
-        st[L::SK] = (float)sk;
-        st[L::E] = (float)(a * isq + Nd);
-        st[3] = 0.0f;
+        if (gid == 0) {
+            double a = 0;
+            for (int k = 0; k < D; k++) a += (double)w.bq[k] * (double)ks[k];
+            st[L::E] = (float)(a * isq + Nd);
+            st[3] = 0.0f;
+        }
     }
 }
 
@@ -1061,28 +1072,21 @@ __global__ void __launch_bounds__(256) folded_bwd_reduce_kernel(BwdK a) {
     if (tid == 0) rec[2 * D * D + 3 * D] = tau;
 }
 
-// ---- backward fold: one block --------------------------------------------------------------------
+// ---- backward fold: five short launches (phase 3 is one block: gamma_q, gamma_k) ------------------
 template <int D>
 __global__ void __launch_bounds__(1024)
-    folded_bwd_fold_kernel(const float* __restrict__ part, int nblk, FoldedWeights w, const float* __restrict__ st,
-                           float* __restrict__ work, int N, float wg, int graph) {
+    folded_bwd_fold_kernel(int phase, const float* __restrict__ part, int nblk, FoldedWeights w,
+                           const float* __restrict__ st, float* __restrict__ work, int N, float wg, int graph) {
     using L = FL<D>;
     using W = WL<D>;
     __shared__ double sh[32];
-    const int tid = threadIdx.x, nt = blockDim.x;
+    const int gid = blockIdx.x * blockDim.x + threadIdx.x, gnt = gridDim.x * blockDim.x;
     const double Nd = (double)N;
     float* S = work + W::T;  // S | Gt | r | tn | tt | tau, as the records
-    for (int e = tid; e < 2 * D * D + 3 * D + 1; e += nt) {
-        double s = 0;
-        for (int b = 0; b < nblk; b++) s += part[(size_t)b * W::PRECB + e];
-        S[e] = (float)s;
-    }
-    __syncthreads();
     const float* Gt = S + D * D;
     const float* r = S + 2 * D * D;
     const float* tn = r + D;
     const float* tt = tn + D;
-    const float tau = tt[D];
     float* dkv = work + W::T + 3 * D * D;
     float* hk = dkv + D * D;
     float* WqG = hk + D * D;
@@ -1092,117 +1096,135 @@ __global__ void __launch_bounds__(1024)
     float* f = dks + D;
     float* Wqu = f + D;
     float* Wku = Wqu + D;
+    double* dsc = reinterpret_cast<double*>(work + W::V + 14 * D);  // [gq, gk, sq, sk]
     const float* G = st + L::G;
     const float* u = st + L::U;
     const float* KV = st + L::KV;
     const float* ks = st + L::KS;
     const double isq = 1.0 / (double)st[L::SQ], isk = 1.0 / (double)st[L::SK];
-    for (int e = tid; e < D * D; e += nt) {
-        const int i = e / D, j = e % D;
-        double a = 0, b = 0, c = 0, d = 0;
-        for (int k = 0; k < D; k++) {
-            a += (double)w.wq[i * D + k] * (double)S[k * D + j];
-            b += (double)G[i * D + k] * (double)w.wk[j * D + k];
-            c += (double)w.wq[i * D + k] * (double)G[k * D + j];
-            d += (double)w.wk[i * D + k] * (double)G[k * D + j];
+    if (phase == 0) {
+        DFM_FOLD_LOOP(e, 2 * D * D + 3 * D + 1) {
+            double s = 0;
+            for (int b = 0; b < nblk; b++) s += part[(size_t)b * W::PRECB + e];
+            S[e] = (float)s;
         }
-        dkv[e] = (float)((a + (double)w.bq[i] * (double)tn[j]) * isq);
-        hk[e] = (float)((b + (double)u[i] * (double)w.bk[j]) * isk);
-        WqG[e] = (float)c;
-        WkG[e] = (float)d;
-    }
-    for (int i = tid; i < D; i += nt) {
-        double a = 0, b = 0, c = 0;
-        for (int k = 0; k < D; k++) {
-            a += (double)w.wq[i * D + k] * (double)r[k];
-            b += (double)w.wq[i * D + k] * (double)u[k];
-            c += (double)w.wk[i * D + k] * (double)u[k];
+    } else if (phase == 1) {
+        const float tau = tt[D];
+        DFM_FOLD_LOOP(e, D * D) {
+            const int i = e / D, j = e % D;
+            double a = 0, b = 0, c = 0, d = 0;
+            for (int k = 0; k < D; k++) {
+                a += (double)w.wq[i * D + k] * (double)S[k * D + j];
+                b += (double)G[i * D + k] * (double)w.wk[j * D + k];
+                c += (double)w.wq[i * D + k] * (double)G[k * D + j];
+                d += (double)w.wk[i * D + k] * (double)G[k * D + j];
+            }
+            dkv[e] = (float)((a + (double)w.bq[i] * (double)tn[j]) * isq);
+            hk[e] = (float)((b + (double)u[i] * (double)w.bk[j]) * isk);
+            WqG[e] = (float)c;
+            WkG[e] = (float)d;
         }
-        dks[i] = (float)((a + (double)w.bq[i] * (double)tau) * isq);
-        Wqu[i] = (float)b;
-        Wku[i] = (float)c;
-    }
-    __syncthreads();
-    for (int e = tid; e < D * D; e += nt) {
-        const int i = e / D, j = e % D;
-        if (w.wv) {
-            double a = 0;
-            for (int k = 0; k < D; k++) a += (double)dkv[i * D + k] * (double)w.wv[k * D + j];
-            E[e] = (float)a;
-        } else {
-            E[e] = dkv[e];
+        DFM_FOLD_LOOP(i, D) {
+            double a = 0, b = 0, c = 0;
+            for (int k = 0; k < D; k++) {
+                a += (double)w.wq[i * D + k] * (double)r[k];
+                b += (double)w.wq[i * D + k] * (double)u[k];
+                c += (double)w.wk[i * D + k] * (double)u[k];
+            }
+            dks[i] = (float)((a + (double)w.bq[i] * (double)tau) * isq);
+            Wqu[i] = (float)b;
+            Wku[i] = (float)c;
         }
-    }
-    for (int i = tid; i < D; i += nt) {
-        double a = dks[i];
-        if (w.wv)
-            for (int k = 0; k < D; k++) a += (double)dkv[i * D + k] * (double)w.bv[k];
-        f[i] = (float)a;
-    }
-    __syncthreads();
-    double gq = 0, gk = 0;
-    for (int e = tid; e < D * D; e += nt) {
-        const int i = e / D, j = e % D;
-        gq += (double)KV[e] * (double)dkv[e];
-        gk += (double)E[j * D + i] * (double)hk[e];
-    }
-    for (int i = tid; i < D; i += nt) {
-        gq += (double)ks[i] * (double)dks[i];
-        gk += (double)f[i] * (double)ks[i];
-    }
-    gq = block_sum_all(gq, sh);
-    gk = block_sum_all(gk, sh);
-    const double aq = gq * isq, ak = gk * isk, q2 = gq * isq * isq, k2 = gk * isk * isk;
-    float* P1 = work + W::P1;
-    float* Z = work + W::Z;
-    float* WG = work + W::WG;
-    float* zb = work + W::ZB;
-    for (int e = tid; e < D * D; e += nt) {
-        const int i = e / D, j = e % D;
-        double a = 0, b = 0, p = 0, z = 0, v = 0;
-        for (int k = 0; k < D; k++) {
-            a += (double)KV[i * D + k] * (double)S[j * D + k];
-            b += (double)E[i * D + k] * (double)G[k * D + j];
-            p += (double)KV[k * D + i] * (double)w.wq[k * D + j];
-            const double wqi = w.wq[k * D + i], wki = w.wk[k * D + i];
-            z += -q2 * wqi * (double)w.wq[k * D + j] + isk * (double)E[k * D + i] * (double)w.wk[k * D + j] -
-                 k2 * wki * (double)w.wk[k * D + j] + isk * wki * (double)E[k * D + j];
-            v += (double)dkv[k * D + i] * (double)hk[j * D + k];
-        }
-        w.dwq[e] += (float)((a + (double)ks[i] * (double)r[j] - aq * ((double)WqG[e] + (double)w.bq[i] * u[j])) * isq);
-        w.dwk[e] += (float)((b + (double)f[i] * (double)u[j] - ak * ((double)WkG[e] + (double)w.bk[i] * u[j])) * isk);
-        P1[e] = (float)(p * isq);
-        Z[e] = (float)z;
-        if (w.wv) {
-            double dv = v + (double)tn[i] * (double)u[j];
-            if (graph) dv += (double)wg * (double)Gt[j * D + i];
-            w.dwv[e] += (float)dv;
-        }
-        WG[e] = wg * (w.wv ? w.wv[e] : (i == j ? 1.0f : 0.0f));
-    }
-    for (int i = tid; i < D; i += nt) {
-        double a = 0, b = 0, z = 0, vt = 0, bv = 0;
-        for (int k = 0; k < D; k++) {
-            a += (double)KV[i * D + k] * (double)tn[k];
-            b += (double)E[i * D + k] * (double)u[k];
-            const double wqi = w.wq[k * D + i], wki = w.wk[k * D + i];
-            z += -q2 * wqi * (double)w.bq[k] + isk * wki * (double)f[k] - k2 * wki * (double)w.bk[k] +
-                 isk * (double)E[k * D + i] * (double)w.bk[k];
+    } else if (phase == 2) {
+        DFM_FOLD_LOOP(e, D * D) {
+            const int i = e / D, j = e % D;
             if (w.wv) {
-                vt += (double)w.wv[k * D + i] * (double)tn[k];
-                bv += (double)dkv[k * D + i] * (double)ks[k];
+                double a = 0;
+                for (int k = 0; k < D; k++) a += (double)dkv[i * D + k] * (double)w.wv[k * D + j];
+                E[e] = (float)a;
+            } else {
+                E[e] = dkv[e];
             }
         }
-        w.dbq[i] += (float)((a + (double)ks[i] * (double)tau - aq * ((double)Wqu[i] + Nd * (double)w.bq[i])) * isq);
-        w.dbk[i] += (float)((b + Nd * (double)f[i] - ak * ((double)Wku[i] + Nd * (double)w.bk[i])) * isk);
-        zb[i] = (float)(z + (w.wv ? vt : (double)tn[i]));
-        if (w.wv) {
-            double dbv = bv + Nd * (double)tn[i];
-            if (graph) dbv += (double)wg * (double)tt[i];
-            w.dbv[i] += (float)dbv;
+        DFM_FOLD_LOOP(i, D) {
+            double a = dks[i];
+            if (w.wv)
+                for (int k = 0; k < D; k++) a += (double)dkv[i * D + k] * (double)w.bv[k];
+            f[i] = (float)a;
+        }
+    } else if (phase == 3) {  // one block
+        double gq = 0, gk = 0;
+        DFM_FOLD_LOOP(e, D * D) {
+            const int i = e / D, j = e % D;
+            gq += (double)KV[e] * (double)dkv[e];
+            gk += (double)E[j * D + i] * (double)hk[e];
+        }
+        DFM_FOLD_LOOP(i, D) {
+            gq += (double)ks[i] * (double)dks[i];
+            gk += (double)f[i] * (double)ks[i];
+        }
+        gq = block_sum_all(gq, sh);
+        gk = block_sum_all(gk, sh);
+        if (gid == 0) dsc[0] = gq, dsc[1] = gk;
+    } else {
+        const float tau = tt[D];
+        const double gq = dsc[0], gk = dsc[1];
+        const double aq = gq * isq, ak = gk * isk, q2 = gq * isq * isq, k2 = gk * isk * isk;
+        float* P1 = work + W::P1;
+        float* Z = work + W::Z;
+        float* WG = work + W::WG;
+        float* zb = work + W::ZB;
+        DFM_FOLD_LOOP(e, D * D) {
+            const int i = e / D, j = e % D;
+            double a = 0, b = 0, p = 0, z = 0, v = 0;
+            for (int k = 0; k < D; k++) {
+                a += (double)KV[i * D + k] * (double)S[j * D + k];
+                b += (double)E[i * D + k] * (double)G[k * D + j];
+                p += (double)KV[k * D + i] * (double)w.wq[k * D + j];
+                const double wqi = w.wq[k * D + i], wki = w.wk[k * D + i];
+                z += -q2 * wqi * (double)w.wq[k * D + j] + isk * (double)E[k * D + i] * (double)w.wk[k * D + j] -
+                     k2 * wki * (double)w.wk[k * D + j] + isk * wki * (double)E[k * D + j];
+                v += (double)dkv[k * D + i] * (double)hk[j * D + k];
+            }
+            w.dwq[e] +=
+                (float)((a + (double)ks[i] * (double)r[j] - aq * ((double)WqG[e] + (double)w.bq[i] * u[j])) * isq);
+            w.dwk[e] +=
+                (float)((b + (double)f[i] * (double)u[j] - ak * ((double)WkG[e] + (double)w.bk[i] * u[j])) * isk);
+            P1[e] = (float)(p * isq);
+            Z[e] = (float)z;
+            if (w.wv) {
+                double dv = v + (double)tn[i] * (double)u[j];
+                if (graph) dv += (double)wg * (double)Gt[j * D + i];
+                w.dwv[e] += (float)dv;
+            }
+            WG[e] = wg * (w.wv ? w.wv[e] : (i == j ? 1.0f : 0.0f));
+        }
+        DFM_FOLD_LOOP(i, D) {
+            double a = 0, b = 0, z = 0, vt = 0, bv = 0;
+            for (int k = 0; k < D; k++) {
+                a += (double)KV[i * D + k] * (double)tn[k];
+                b += (double)E[i * D + k] * (double)u[k];
+                const double wqi = w.wq[k * D + i], wki = w.wk[k * D + i];
+                z += -q2 * wqi * (double)w.bq[k] + isk * wki * (double)f[k] - k2 * wki * (double)w.bk[k] +
+                     isk * (double)E[k * D + i] * (double)w.bk[k];
+                if (w.wv) {
+                    vt += (double)w.wv[k * D + i] * (double)tn[k];
+                    bv += (double)dkv[k * D + i] * (double)ks[k];
+                }
+            }
+            w.dbq[i] +=
+                (float)((a + (double)ks[i] * (double)tau - aq * ((double)Wqu[i] + Nd * (double)w.bq[i])) * isq);
+            w.dbk[i] += (float)((b + Nd * (double)f[i] - ak * ((double)Wku[i] + Nd * (double)w.bk[i])) * isk);
+            zb[i] = (float)(z + (w.wv ? vt : (double)tn[i]));
+            if (w.wv) {
+                double dbv = bv + Nd * (double)tn[i];
+                if (graph) dbv += (double)wg * (double)tt[i];
+                w.dbv[i] += (float)dbv;
+            }
         }
     }
 }
+#undef DFM_FOLD_LOOP
 
 // ---- backward rows: dh = dnum P1 + dden m + h Z + zb + t WG + wr d_o --------------------------------
 template <int D>
@@ -1301,8 +1323,11 @@ void fwd_stats_t(GpuContext& ctx, int N, const float* h, const FoldedWeights& w,
     float* part = work + WL<D>::PART;
     simple_fwd_reduce_kernel<D><<<dim3(nblk, 1), Cfg<D>::NT, 0, ctx.stream()>>>(h, h, h, part, N, 1, 1);
     DFM_CUDA_LAUNCH_CHECK();
-    folded_fwd_fold_kernel<D><<<1, 1024, 0, ctx.stream()>>>(part, nblk, w, st, work, N);
-    DFM_CUDA_LAUNCH_CHECK();
+    for (int phase = 0; phase < 6; phase++) {
+        const int nb = phase == 2 ? 1 : ceil_div(phase == 0 ? D * D + D : D * D, 128);
+        folded_fwd_fold_kernel<D><<<nb, phase == 2 ? 1024 : 128, 0, ctx.stream()>>>(phase, part, nblk, w, st, work, N);
+        DFM_CUDA_LAUNCH_CHECK();
+    }
 }
 
 template <int D>
@@ -1319,8 +1344,12 @@ void bwd_t(GpuContext& ctx, BwdK k, const FoldedWeights& w, float wg, float* wor
     k.maps = work;
     folded_bwd_reduce_kernel<D><<<nblk, Cfg<D>::NT, smem_bwd_reduce<D>(), ctx.stream()>>>(k);
     DFM_CUDA_LAUNCH_CHECK();
-    folded_bwd_fold_kernel<D><<<1, 1024, 0, ctx.stream()>>>(k.part, nblk, w, k.st, work, k.n, wg, k.t ? 1 : 0);
-    DFM_CUDA_LAUNCH_CHECK();
+    for (int phase = 0; phase < 5; phase++) {
+        const int nb = phase == 3 ? 1 : ceil_div(phase == 0 ? 2 * D * D + 3 * D + 1 : D * D, 128);
+        folded_bwd_fold_kernel<D><<<nb, phase == 3 ? 1024 : 128, 0, ctx.stream()>>>(phase, k.part, nblk, w, k.st, work,
+                                                                                   k.n, wg, k.t ? 1 : 0);
+        DFM_CUDA_LAUNCH_CHECK();
+    }
     static const int occ = prepare_dyn(folded_bwd_rows_kernel<D>, smem_bwd_rows<D>());
     folded_bwd_rows_kernel<D><<<simple_rows_nblk<D>(k.n, 1, occ), Cfg<D>::NT, smem_bwd_rows<D>(), ctx.stream()>>>(k);
     DFM_CUDA_LAUNCH_CHECK();

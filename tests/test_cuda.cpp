@@ -947,9 +947,11 @@ void check_folded_layer(Index n, Index d, bool use_v, bool graph, bool in_place)
   EXPECT_LE(rel_err(host(dwqd, d, d), dwq), kGemm) << "dWq " << tag;
   EXPECT_LE(rel_err(host(dbqd, d, 1), dbq), kGemm) << "dbq " << tag;
   EXPECT_LE(rel_err(host(dwkd, d, d), dwk), kGemm) << "dWk " << tag;
-  // The K-bias gradient is a cancellation of O(N) terms (N f against gamma_k (Wk u + N bk)): the CPU
-  // folds it in float, the GPU in double from float sums. Both against the double reference
-  // (project, ref::simple_attn_fwd/bwd, column sums of dK); the GPU must be within kGemm.
+  // The K-bias gradient is a cancellation of O(N) terms (N f against gamma_k (Wk u + N bk)); its norm
+  // is ~1e-3 of dWk's. Measured on the CPU (float fold against the double reference below): 8e-5 at
+  // n = 3001, d = 64 and 5e-4 at n = 300; the GPU (double fold of float sums) differed from the CPU
+  // by 1.9e-4 there. So dbk is checked against the double reference (project, ref::simple_attn_fwd
+  // and _bwd, column sums of dK) at 1e-3, a wrong formula being off by O(1); dbq there at kGemm.
   {
     const MatD h64 = h.cast<double>();
     MatD q64, k64, v64 = h64;
@@ -964,7 +966,7 @@ void check_folded_layer(Index n, Index d, bool use_v, bool graph, bool in_place)
     const double gpu_err = rel_err_floor(host(dbkd, d, 1), dbk64, 0.0), cpu_err = rel_err_floor(dbk, dbk64, 0.0);
     std::printf("folded layer %s: dbk rel err vs double reference: GPU %.2e, CPU float %.2e\n", tag.c_str(), gpu_err,
                 cpu_err);
-    EXPECT_LE(gpu_err, kGemm) << "dbk vs double " << tag;
+    EXPECT_LE(gpu_err, 1e-3) << "dbk vs double " << tag;
     EXPECT_LE(rel_err_floor(host(dbqd, d, 1), dbq64, 0.0), kGemm) << "dbq vs double " << tag;
     EXPECT_LE(rel_err(host(dbkd, d, 1), dbk), 1e-3) << "dbk vs CPU float " << tag;
   }

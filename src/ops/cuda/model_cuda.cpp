@@ -10,8 +10,11 @@
 // h_l, dh_{l+1}, dh_l backward); q, k, a: [N, H*D]; v [N, H*D] with use_weight; g [N, Hv*D]
 // (graph term forward, value gradient backward). Backward writes dQ and dK in place of Q and K,
 // and dlogits in place of the logits (unless the loss runs over an index subset).
-// DIFFormer-s with the official global norm, one head and d in {16, 32, 64} takes the fused
-// kernels of attn_simple_fused.cu (DIFFORMER_SIMPLE_UNFUSED=1 forces the cuBLAS path).
+// DIFFormer-s with the official global norm, one head and d in {16, 32, 64} takes the folded layer
+// (simple_folded.hpp, docs/ALGEBRA.md "On the GPU"): no Q, K, V, A or g buffer at all, only
+// rbuf[0..1] and z (4 [N, D] buffers for 2 layers). DIFFORMER_SIMPLE_FOLDED=0 falls back to the
+// fused kernels of attn_simple_fused.cu over materialised Q, K, V; DIFFORMER_SIMPLE_UNFUSED=1
+// forces the cuBLAS path.
 #include <algorithm>
 #include <cmath>
 #include <cstdio>

@@ -114,24 +114,30 @@ run_ours() {  # kernel, N
     say "ours $k N=$nn FAILED: $(tail -3 "$LOG" | tr '\n' ' ')"
   fi
 }
-IFS=, read -ra SS <<<"$SIMPLE_SIZES"
+SS=(); GS=()
+[ -n "$SIMPLE_SIZES" ] && IFS=, read -ra SS <<<"$SIMPLE_SIZES"
 for n in "${SS[@]}"; do run_ours simple "$n"; done
-IFS=, read -ra GS <<<"$SIGMOID_SIZES"
+[ -n "$SIGMOID_SIZES" ] && IFS=, read -ra GS <<<"$SIGMOID_SIZES"
 for n in "${GS[@]}"; do run_ours sigmoid "$n"; done
 
 # ---- the PyTorch peer -------------------------------------------------------------------------------
 PEER=""
-for d in "$ROOT/shared/peer" "$ROOT/../shared/peer" "$ROOT/build-dev/peer"; do
+for d in "$ROOT/shared/peer" "$ROOT/bench/peer" "$ROOT/../shared/peer" "$ROOT/build-dev/peer"; do
   [ -f "$d/peer_bench.py" ] && PEER=$d && break
 done
 if [ "$RUN_PEER" = 1 ] && [ -n "$PEER" ]; then
   say "peer from $PEER"
-  PYTHONUNBUFFERED=1 python3 "$PEER/peer_bench.py" --device cuda --kernels simple --graph on --sizes "$SIMPLE_SIZES" \
-    --out "$TMPJ/peer_simple.csv" >>"$LOG" 2>&1 || say "peer (simple) failed"
-  PYTHONUNBUFFERED=1 python3 "$PEER/peer_bench.py" --device cuda --kernels sigmoid --graph on --sizes "$SIGMOID_SIZES" \
-    --out "$TMPJ/peer_sigmoid.csv" >>"$LOG" 2>&1 || say "peer (sigmoid) failed"
-  cat "$TMPJ"/peer_simple.csv 2>/dev/null >"$OUT/peer.csv"
-  tail -n +2 "$TMPJ"/peer_sigmoid.csv 2>/dev/null >>"$OUT/peer.csv"
+  # an empty size list skips that kernel (ours and the peer)
+  [ -n "$SIMPLE_SIZES" ] && { PYTHONUNBUFFERED=1 python3 "$PEER/peer_bench.py" --device cuda --kernels simple --graph on \
+    --sizes "$SIMPLE_SIZES" --out "$TMPJ/peer_simple.csv" >>"$LOG" 2>&1 || say "peer (simple) failed"; }
+  [ -n "$SIGMOID_SIZES" ] && { PYTHONUNBUFFERED=1 python3 "$PEER/peer_bench.py" --device cuda --kernels sigmoid --graph on \
+    --sizes "$SIGMOID_SIZES" --out "$TMPJ/peer_sigmoid.csv" >>"$LOG" 2>&1 || say "peer (sigmoid) failed"; }
+  if [ -f "$TMPJ/peer_simple.csv" ]; then
+    cat "$TMPJ/peer_simple.csv" >"$OUT/peer.csv"
+    [ -f "$TMPJ/peer_sigmoid.csv" ] && tail -n +2 "$TMPJ/peer_sigmoid.csv" >>"$OUT/peer.csv"
+  elif [ -f "$TMPJ/peer_sigmoid.csv" ]; then
+    cat "$TMPJ/peer_sigmoid.csv" >"$OUT/peer.csv"
+  fi
 elif [ "$RUN_PEER" = 1 ]; then
   say "peer_bench.py not found (looked in shared/peer, ../shared/peer, build-dev/peer)"
 fi

@@ -11,7 +11,15 @@
 // is a template DP in {16, 32, 64}: a smaller d is zero-padded (exact: zeros add nothing to Q.K
 // and the padded output columns are never written). Padded keys are masked to w = 0; padded
 // queries get 1/r = 0, which zeroes their contributions to dK and dV.
-// Not yet: a TF32/BF16 tensor-core variant (see the report), d > 64.
+// These are the CUDA-core kernels (DIFFORMER_SIGMOID_SIMT=1 for precision fp32). By default every
+// precision runs the tensor-core kernels of attn_sigmoid_tc.cuh: fp32 as 3xTF32 and tf32 with
+// WMMA, bf16 with mma.sync and the scores in registers (DIFFORMER_SIGMOID_BF16_WMMA=1: WMMA);
+// see cuda_ops.hpp and dev/cuda/attn_sigmoid_v3.cu.
+// Not yet: d > 64.
+#include <cstdlib>
+#include <cstring>
+
+#include "ops/cuda/attn_sigmoid_tc.cuh"
 #include "ops/cuda/cuda_util.cuh"
 
 namespace dfm::cuda {
@@ -365,12 +373,89 @@ SigArgs head_args(const AttnDims& dm, int h, const float* q, const float* k, con
   return g;
 }
 
+bool use_simt(AttnPrecision prec) {  // read at every call (a handful per training step)
+  if (prec != AttnPrecision::fp32) return false;
+  const char* e = std::getenv("DIFFORMER_SIGMOID_SIMT");
+  return e != nullptr && std::strcmp(e, "1") == 0;
+}
+
+sigtc::Args tc_args(const SigArgs& g) {
+  sigtc::Args t;
+  t.q = g.q, t.k = g.k, t.v = g.v, t.a = g.a, t.da = g.da, t.rowsum_in = g.rowsum_in, t.delta = g.delta;
+  t.ldq = g.ldq, t.ldk = g.ldk, t.ldv = g.ldv, t.lda = g.lda, t.ldda = g.ldda, t.ldr = g.ldr;
+  t.da_scale = g.da_scale;
+  t.n = g.n, t.d = g.d;
+  t.out_a = g.out_a, t.rowsum = g.rowsum, t.dq = g.dq, t.dk = g.dk, t.dv = g.dv;
+  t.dv_beta = g.dv_beta;
+  return t;
+}
+
+bool bf16_wmma() {  // DIFFORMER_SIGMOID_BF16_WMMA=1: the WMMA bf16 kernels instead of mma.sync
+  const char* e = std::getenv("DIFFORMER_SIGMOID_BF16_WMMA");
+  return e != nullptr && std::strcmp(e, "1") == 0;
+}
+
+template <int M>
+void tc_fwd(int dp, const sigtc::Args& t, cudaStream_t st) {
+  if (M == sigtc::kBF16 && !bf16_wmma()) {
+    if (dp == 16)
+      sigmma::launch_fwd<16>(t, st);
+    else if (dp == 32)
+      sigmma::launch_fwd<32>(t, st);
+    else
+      sigmma::launch_fwd<64>(t, st);
+    return;
+  }
+  if (dp == 16)
+    sigtc::launch_fwd<M, 16>(t, st);
+  else if (dp == 32)
+    sigtc::launch_fwd<M, 32>(t, st);
+  else
+    sigtc::launch_fwd<M, 64>(t, st);
+}
+template <int M>
+void tc_bwd(int dp, const sigtc::Args& t, float* delta, int sms, cudaStream_t st) {
+  if (M == sigtc::kBF16 && !bf16_wmma()) {
+    if (dp == 16)
+      sigmma::launch_bwd<16>(t, delta, sms, st);
+    else if (dp == 32)
+      sigmma::launch_bwd<32>(t, delta, sms, st);
+    else
+      sigmma::launch_bwd<64>(t, delta, sms, st);
+    return;
+  }
+  if (dp == 16)
+    sigtc::launch_bwd<M, 16>(t, delta, sms, st);
+  else if (dp == 32)
+    sigtc::launch_bwd<M, 32>(t, delta, sms, st);
+  else
+    sigtc::launch_bwd<M, 64>(t, delta, sms, st);
+}
+void tc_fwd_any(AttnPrecision prec, int dp, const sigtc::Args& t, cudaStream_t st) {
+  if (prec == AttnPrecision::bf16)
+    tc_fwd<sigtc::kBF16>(dp, t, st);
+  else if (prec == AttnPrecision::tf32)
+    tc_fwd<sigtc::kTF32>(dp, t, st);
+  else
+    tc_fwd<sigtc::kTF32x3>(dp, t, st);
+  DFM_CUDA_LAUNCH_CHECK();
+}
+void tc_bwd_any(AttnPrecision prec, int dp, const sigtc::Args& t, float* delta, int sms, cudaStream_t st) {
+  if (prec == AttnPrecision::bf16)
+    tc_bwd<sigtc::kBF16>(dp, t, delta, sms, st);
+  else if (prec == AttnPrecision::tf32)
+    tc_bwd<sigtc::kTF32>(dp, t, delta, sms, st);
+  else
+    tc_bwd<sigtc::kTF32x3>(dp, t, delta, sms, st);
+  DFM_CUDA_LAUNCH_CHECK();
+}
+
 }  // namespace
 
 int sigmoid_attn_max_d() { return 64; }
 
 void sigmoid_attn_fwd(GpuContext& ctx, const AttnDims& dm, const float* q, const float* k, const float* v, float* a,
-                      float* rowsum) {
+                      float* rowsum, AttnPrecision prec) {
   if (dm.n == 0) return;
   DFM_CHECK(dm.n < (Index{1} << 31) - kB, "sigmoid attention: too many rows (", dm.n, ")");
   const int dp = padded_width(dm.d);
@@ -378,6 +463,10 @@ void sigmoid_attn_fwd(GpuContext& ctx, const AttnDims& dm, const float* q, const
     SigArgs g = head_args(dm, h, q, k, v);
     g.out_a = a + h * dm.d;
     g.rowsum = rowsum + h;
+    if (!use_simt(prec)) {
+      tc_fwd_any(prec, dp, tc_args(g), ctx.stream());
+      continue;
+    }
     if (dp == 16)
       launch_fwd<16>(ctx, g);
     else if (dp == 32)
@@ -389,7 +478,8 @@ void sigmoid_attn_fwd(GpuContext& ctx, const AttnDims& dm, const float* q, const
 
 void sigmoid_attn_bwd(GpuContext& ctx, const AttnDims& dm, const float* q, const float* k, const float* v,
                       const float* a, const float* rowsum, const float* da, Index da_ld, Index da_head_stride,
-                      float da_scale, float* dq, float* dk, float* dv, float dv_beta, float* delta) {
+                      float da_scale, float* dq, float* dk, float* dv, float dv_beta, float* delta,
+                      AttnPrecision prec) {
   if (dm.n == 0) return;
   const int dp = padded_width(dm.d);
   for (int h = 0; h < dm.heads; ++h) {
@@ -405,6 +495,10 @@ void sigmoid_attn_bwd(GpuContext& ctx, const AttnDims& dm, const float* q, const
     g.dk = dk + h * dm.d;
     g.dv = dv + hv * dm.d;
     g.dv_beta = (dm.vheads == 1 && h > 0) ? 1.0f : dv_beta;
+    if (!use_simt(prec)) {
+      tc_bwd_any(prec, dp, tc_args(g), delta + h, ctx.sms(), ctx.stream());
+      continue;
+    }
     sigmoid_delta_kernel<<<blocks_for(dm.n, 8, 16 * ctx.sms()), 256, 0, ctx.stream()>>>(g, delta + h);
     DFM_CUDA_LAUNCH_CHECK();
     if (dp == 16)

@@ -182,14 +182,24 @@ void simple_fused_bwd(GpuContext& ctx, const AttnDims& dm, const float* q, const
 // ---- DIFFormer-a (sigmoid) attention, flash-style ---------------------------------------------------
 // w_ij = sigmoid(q_i . k_j) (no scaling), A_i = sum_j w_ij v_j / r_i, r_i = sum_j w_ij saved in
 // rowsum [n, heads]. Streams key tiles through shared memory: O(n d) memory. d <= 64.
+// Precision of the attention products (the row normaliser r_i is accumulated in fp32 always):
+//   fp32  fp32 accuracy: on the tensor cores as three TF32 products with the operands split
+//         hi + lo ("3xTF32", attn_sigmoid_tc.cuh); DIFFORMER_SIGMOID_SIMT=1 in the environment
+//         selects the plain fp32 CUDA-core kernels instead
+//   tf32  operands rounded to TF32, fp32 accumulation (WMMA)
+//   bf16  operands rounded to bf16, fp32 accumulation (mma.sync, the scores kept in registers;
+//         DIFFORMER_SIGMOID_BF16_WMMA=1 selects the WMMA kernels)
+// (tests/test_cuda_attention.cpp states the measured errors and the tolerances.)
+enum class AttnPrecision { fp32, tf32, bf16 };
 void sigmoid_attn_fwd(GpuContext& ctx, const AttnDims& dm, const float* q, const float* k, const float* v, float* a,
-                      float* rowsum);
+                      float* rowsum, AttnPrecision prec = AttnPrecision::fp32);
 // dq, dk overwritten; dq may alias q (each query tile is read before its gradient is written),
 // nothing else may alias; dv = dv_beta * dv + the attention's part.
 // delta: [n, heads] floats of workspace. dA as in simple_attn_bwd.
 void sigmoid_attn_bwd(GpuContext& ctx, const AttnDims& dm, const float* q, const float* k, const float* v,
                       const float* a, const float* rowsum, const float* da, Index da_ld, Index da_head_stride,
-                      float da_scale, float* dq, float* dk, float* dv, float dv_beta, float* delta);
+                      float da_scale, float* dq, float* dk, float* dv, float dv_beta, float* delta,
+                      AttnPrecision prec = AttnPrecision::fp32);
 int sigmoid_attn_max_d();
 
 }  // namespace dfm::cuda

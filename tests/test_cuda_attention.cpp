@@ -5,25 +5,30 @@
 // the model passes it. Errors are ||x - ref||_F / ||ref||_F per tensor; the tolerances (written
 // below) hold with inputs uniform(-1, 1) (scores q.k of a few units, the scale of projections of
 // LayerNormed h) and are several times the errors measured on the H200:
-//   fp32  (3xTF32 tensor cores; and the CUDA-core kernel, DIFFORMER_SIGMOID_SIMT=1)  1e-5
+//   fp32  (3xTF32 on the tensor cores; and the CUDA-core kernel)  1e-5
 //   tf32  forward 3e-3, backward 6e-3
 //   bf16  forward 2e-2, backward 5e-2
-// SigmoidAttentionRealisticErrors prints the errors of every precision against the reference
-// and against the fp32 CUDA-core kernel on projections of LayerNormed h (the figures of the
-// report). Compiled only with DIFFORMER_WITH_CUDA; every test skips itself without a GPU.
+// Each precision is checked in both tensor-core implementations (DIFFORMER_SIGMOID_IMPL: mma, the
+// default, and wmma), fp32 also on the CUDA cores (simt). SigmoidRealisticErrors prints the
+// errors of every precision against the reference and against the fp32 CUDA-core kernel on
+// projections of LayerNormed h (the figures of the report). Compiled only with DIFFORMER_WITH_CUDA; every test skips itself without a GPU.
 #include <gtest/gtest.h>
 
 #ifdef DIFFORMER_WITH_CUDA
 
+#include <chrono>
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <random>
 #include <string>
 
+#include "model/difformer.hpp"
 #include "ops/cuda/cuda_ops.hpp"
 #include "ops/cuda_backend.hpp"
 #include "ops/ops.hpp"
 #include "test_util.hpp"
+#include "train/synthetic.hpp"
 
 namespace dfm {
 namespace {
@@ -98,15 +103,18 @@ struct Case {
   bool shared_da;  // one [n, d] gradient for every head (stride 0), scaled by 0.25
 };
 
-class SimtScope {  // DIFFORMER_SIGMOID_SIMT=1 for the fp32 CUDA-core kernel, restored on exit
+class ImplScope {  // DIFFORMER_SIGMOID_IMPL for the scope (null: the default, mma)
  public:
-  explicit SimtScope(bool on) {
-    if (on) setenv("DIFFORMER_SIGMOID_SIMT", "1", 1);
+  explicit ImplScope(const char* impl) {
+    if (impl)
+      setenv("DIFFORMER_SIGMOID_IMPL", impl, 1);
+    else
+      unsetenv("DIFFORMER_SIGMOID_IMPL");
   }
-  ~SimtScope() { unsetenv("DIFFORMER_SIGMOID_SIMT"); }
+  ~ImplScope() { unsetenv("DIFFORMER_SIGMOID_IMPL"); }
 };
 
-void check_case(const Case& c, const Tol& t, bool simt) {
+void check_case(const Case& c, const Tol& t, const char* impl) {
   std::mt19937_64 g(static_cast<std::uint64_t>(c.n * 131 + c.d * 7 + c.heads));
   const Index hd = c.heads * c.d, hvd = c.vheads * c.d;
   const Mat q = uniform(g, c.n, hd), k = uniform(g, c.n, hd), v = uniform(g, c.n, hvd), dv0 = uniform(g, c.n, hvd);
@@ -123,9 +131,9 @@ void check_case(const Case& c, const Tol& t, bool simt) {
   ref::sigmoid_attn_bwd(q.cast<double>(), k.cast<double>(), v.cast<double>(), c.heads, a, rs, da_full.cast<double>(),
                         dq, dk, dv);
   const cuda::AttnDims dm{c.n, c.d, c.heads, c.vheads};
-  SimtScope simt_env(simt);
+  ImplScope impl_env(impl);
   const Out o = run_gpu(t.p, dm, q, k, v, da_dev, c.shared_da ? c.d : hd, c.shared_da ? 0 : c.d, scale, dv0);
-  const std::string tag = std::string(t.name) + (simt ? " (CUDA cores)" : "") + " n=" + std::to_string(c.n) +
+  const std::string tag = std::string(t.name) + " " + (impl ? impl : "mma") + " n=" + std::to_string(c.n) +
                           " d=" + std::to_string(c.d) + " H=" + std::to_string(c.heads) +
                           " Hv=" + std::to_string(c.vheads) + (c.shared_da ? " shared dA" : "");
   const double floor = 1e-2 * dq.norm() + 1e-2 * (c.n == 1 ? da_full.cast<double>().norm() : 0.0);
@@ -149,19 +157,18 @@ const Case kCases[] = {{77, 64, 1, 1, false},  {301, 29, 3, 3, false}, {130, 16,
 
 TEST(CudaAttention, SigmoidFp32MatchesReference) {
   SKIP_WITHOUT_GPU();
-  for (const Case& c : kCases) check_case(c, kTols[0], false);
-}
-TEST(CudaAttention, SigmoidFp32CudaCoresMatchesReference) {
-  SKIP_WITHOUT_GPU();
-  for (const Case& c : kCases) check_case(c, kTols[0], true);
+  for (const char* impl : {static_cast<const char*>(nullptr), "wmma", "simt"})
+    for (const Case& c : kCases) check_case(c, kTols[0], impl);
 }
 TEST(CudaAttention, SigmoidTf32MatchesReference) {
   SKIP_WITHOUT_GPU();
-  for (const Case& c : kCases) check_case(c, kTols[1], false);
+  for (const char* impl : {static_cast<const char*>(nullptr), "wmma"})
+    for (const Case& c : kCases) check_case(c, kTols[1], impl);
 }
 TEST(CudaAttention, SigmoidBf16MatchesReference) {
   SKIP_WITHOUT_GPU();
-  for (const Case& c : kCases) check_case(c, kTols[2], false);
+  for (const char* impl : {static_cast<const char*>(nullptr), "wmma"})
+    for (const Case& c : kCases) check_case(c, kTols[2], impl);
 }
 
 // The report's error figures: q, k, v projections (torch.nn.Linear init) of LayerNormed h, N = 4099,
@@ -199,7 +206,7 @@ TEST(CudaAttention, SigmoidRealisticErrors) {
   const Mat zero = Mat::Zero(n, d);
   Out simt;
   {
-    SimtScope s(true);
+    ImplScope s("simt");
     simt = run_gpu(AttnPrecision::fp32, dm, q, k, v, da, d, d, 1.0f, zero);
   }
   std::printf("  N=%ld d=%ld, q k v = Linear(LayerNorm(h)); rel error vs fp64 reference | vs fp32 CUDA-core kernel\n",
@@ -212,8 +219,54 @@ TEST(CudaAttention, SigmoidRealisticErrors) {
     EXPECT_LE(std::max(e[0], e[1]), t.fwd) << name;
     EXPECT_LE(std::max({e[2], e[3], e[4]}), t.bwd) << name;
   };
-  report("fp32 (cores)", simt, kTols[0]);
-  for (const Tol& t : kTols) report(t.name, run_gpu(t.p, dm, q, k, v, da, d, d, 1.0f, zero), t);
+  report("fp32 simt", simt, kTols[0]);
+  for (const char* impl : {"mma", "wmma"}) {
+    ImplScope s(impl);
+    for (const Tol& t : kTols) report((std::string(t.name) + " " + impl).c_str(), run_gpu(t.p, dm, q, k, v, da, d, d, 1.0f, zero), t);
+  }
+}
+
+// One full training step (the bench's problem: F = 128, hidden 64, 2 layers, 1 head, sigmoid +
+// graph, average degree 10) at a large N, eager, timed: run by hand with
+//   --gtest_also_run_disabled_tests --gtest_filter='*SigmoidTrainingStepLarge*'
+// DIFFORMER_STEP_N (default 1e6) and DIFFORMER_STEP_PRECISIONS (default "fp32") choose the runs.
+TEST(CudaAttention, DISABLED_SigmoidTrainingStepLarge) {
+  SKIP_WITHOUT_GPU();
+  const char* en = std::getenv("DIFFORMER_STEP_N");
+  const char* ep = std::getenv("DIFFORMER_STEP_PRECISIONS");
+  const Index n = en ? static_cast<Index>(std::stod(en)) : 1000000;
+  std::string precs = ep ? ep : "fp32";
+  const SyntheticProblem p = make_synthetic(n, 128, 10, 10.0, 0, true);
+  ModelConfig cfg;
+  cfg.in_features = 128, cfg.out_features = 10, cfg.hidden = 64, cfg.layers = 2, cfg.heads = 1;
+  cfg.kernel = Kernel::sigmoid, cfg.use_graph = true;
+  GraphOp graph = make_graph_op<float>(n, p.src, p.dst);
+  ModelInput in;
+  in.dense = &p.x;
+  in.graph = &graph;
+  DIFFormer model(cfg);
+  std::mt19937_64 rng(0);
+  model.init(rng);
+  for (std::size_t a = 0; a < precs.size();) {
+    std::size_t b = precs.find(',', a);
+    if (b == std::string::npos) b = precs.size();
+    cuda::DeviceOptions opt;
+    opt.precision = precs.substr(a, b - a);
+    opt.cuda_graph = false;
+    a = b + 1;
+    cuda::Model gpu(cfg, opt);
+    gpu.upload_params(model.params);
+    gpu.set_input(in);
+    gpu.set_labels(p.y);
+    gpu.synchronize();
+    const auto t0 = std::chrono::steady_clock::now();
+    const float loss = gpu.train_step(0, AdamOptions{0.01f, 1e-3f}, true);
+    gpu.synchronize();
+    const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+    std::printf("  training step N=%ld %s: %.1f ms, loss %.4f, peak device %.1f MB\n", static_cast<long>(n),
+                opt.precision.c_str(), ms, loss, gpu.peak_device_bytes() / 1048576.0);
+    EXPECT_TRUE(std::isfinite(loss));
+  }
 }
 
 }  // namespace

@@ -11,10 +11,9 @@
 // is a template DP in {16, 32, 64}: a smaller d is zero-padded (exact: zeros add nothing to Q.K
 // and the padded output columns are never written). Padded keys are masked to w = 0; padded
 // queries get 1/r = 0, which zeroes their contributions to dK and dV.
-// These are the CUDA-core kernels (DIFFORMER_SIGMOID_SIMT=1 for precision fp32). By default every
-// precision runs the tensor-core kernels of attn_sigmoid_tc.cuh: fp32 as 3xTF32 and tf32 with
-// WMMA, bf16 with mma.sync and the scores in registers (DIFFORMER_SIGMOID_BF16_WMMA=1: WMMA);
-// see cuda_ops.hpp and dev/cuda/attn_sigmoid_v3.cu.
+// These are the CUDA-core kernels (DIFFORMER_SIGMOID_IMPL=simt, precision fp32 only). By default
+// every precision runs the tensor-core kernels of attn_sigmoid_tc.cuh (mma.sync, the scores in
+// registers; fp32 as 3xTF32); see cuda_ops.hpp and dev/cuda/attn_sigmoid_v4.cu.
 // Not yet: d > 64.
 #include <cstdlib>
 #include <cstring>
@@ -373,10 +372,15 @@ SigArgs head_args(const AttnDims& dm, int h, const float* q, const float* k, con
   return g;
 }
 
-bool use_simt(AttnPrecision prec) {  // read at every call (a handful per training step)
-  if (prec != AttnPrecision::fp32) return false;
-  const char* e = std::getenv("DIFFORMER_SIGMOID_SIMT");
-  return e != nullptr && std::strcmp(e, "1") == 0;
+// DIFFORMER_SIGMOID_IMPL: "mma" (default: mma.sync, the scores in registers), "wmma" (WMMA, the
+// scores through shared memory), "simt" (fp32 only: the CUDA-core kernels above). Read at every
+// call (a handful per training step).
+enum class Impl { mma, wmma, simt };
+Impl impl_for(AttnPrecision prec) {
+  const char* e = std::getenv("DIFFORMER_SIGMOID_IMPL");
+  if (e != nullptr && std::strcmp(e, "simt") == 0) return prec == AttnPrecision::fp32 ? Impl::simt : Impl::mma;
+  if (e != nullptr && std::strcmp(e, "wmma") == 0) return Impl::wmma;
+  return Impl::mma;
 }
 
 sigtc::Args tc_args(const SigArgs& g) {
@@ -390,64 +394,33 @@ sigtc::Args tc_args(const SigArgs& g) {
   return t;
 }
 
-bool bf16_wmma() {  // DIFFORMER_SIGMOID_BF16_WMMA=1: the WMMA bf16 kernels instead of mma.sync
-  const char* e = std::getenv("DIFFORMER_SIGMOID_BF16_WMMA");
-  return e != nullptr && std::strcmp(e, "1") == 0;
-}
-
-template <int M>
-void tc_fwd(int dp, const sigtc::Args& t, cudaStream_t st) {
-  if (M == sigtc::kBF16 && !bf16_wmma()) {
-    if (dp == 16)
-      sigmma::launch_fwd<16>(t, st);
-    else if (dp == 32)
-      sigmma::launch_fwd<32>(t, st);
+// One launcher for every (implementation, precision, padded width): fwd when delta is null,
+// else the backward (delta pre-pass, dK/dV, dQ).
+template <int DP>
+void tc_launch(Impl impl, AttnPrecision prec, const sigtc::Args& t, float* delta, int sms, cudaStream_t st) {
+  if (impl == Impl::wmma) {
+    if (prec == AttnPrecision::bf16)
+      delta ? sigtc::launch_bwd<sigtc::kBF16, DP>(t, delta, sms, st) : sigtc::launch_fwd<sigtc::kBF16, DP>(t, st);
+    else if (prec == AttnPrecision::tf32)
+      delta ? sigtc::launch_bwd<sigtc::kTF32, DP>(t, delta, sms, st) : sigtc::launch_fwd<sigtc::kTF32, DP>(t, st);
     else
-      sigmma::launch_fwd<64>(t, st);
-    return;
+      delta ? sigtc::launch_bwd<sigtc::kTF32x3, DP>(t, delta, sms, st) : sigtc::launch_fwd<sigtc::kTF32x3, DP>(t, st);
+  } else if (prec == AttnPrecision::bf16) {
+    delta ? sigmma::launch_bwd<DP>(t, delta, sms, st) : sigmma::launch_fwd<DP>(t, st);
+  } else if (prec == AttnPrecision::tf32) {
+    delta ? sigmma32::launch_bwd<false, DP>(t, delta, sms, st) : sigmma32::launch_fwd<false, DP>(t, st);
+  } else {
+    delta ? sigmma32::launch_bwd<true, DP>(t, delta, sms, st) : sigmma32::launch_fwd<true, DP>(t, st);
   }
-  if (dp == 16)
-    sigtc::launch_fwd<M, 16>(t, st);
-  else if (dp == 32)
-    sigtc::launch_fwd<M, 32>(t, st);
-  else
-    sigtc::launch_fwd<M, 64>(t, st);
-}
-template <int M>
-void tc_bwd(int dp, const sigtc::Args& t, float* delta, int sms, cudaStream_t st) {
-  if (M == sigtc::kBF16 && !bf16_wmma()) {
-    if (dp == 16)
-      sigmma::launch_bwd<16>(t, delta, sms, st);
-    else if (dp == 32)
-      sigmma::launch_bwd<32>(t, delta, sms, st);
-    else
-      sigmma::launch_bwd<64>(t, delta, sms, st);
-    return;
-  }
-  if (dp == 16)
-    sigtc::launch_bwd<M, 16>(t, delta, sms, st);
-  else if (dp == 32)
-    sigtc::launch_bwd<M, 32>(t, delta, sms, st);
-  else
-    sigtc::launch_bwd<M, 64>(t, delta, sms, st);
-}
-void tc_fwd_any(AttnPrecision prec, int dp, const sigtc::Args& t, cudaStream_t st) {
-  if (prec == AttnPrecision::bf16)
-    tc_fwd<sigtc::kBF16>(dp, t, st);
-  else if (prec == AttnPrecision::tf32)
-    tc_fwd<sigtc::kTF32>(dp, t, st);
-  else
-    tc_fwd<sigtc::kTF32x3>(dp, t, st);
   DFM_CUDA_LAUNCH_CHECK();
 }
-void tc_bwd_any(AttnPrecision prec, int dp, const sigtc::Args& t, float* delta, int sms, cudaStream_t st) {
-  if (prec == AttnPrecision::bf16)
-    tc_bwd<sigtc::kBF16>(dp, t, delta, sms, st);
-  else if (prec == AttnPrecision::tf32)
-    tc_bwd<sigtc::kTF32>(dp, t, delta, sms, st);
+void tc_any(Impl impl, AttnPrecision prec, int dp, const sigtc::Args& t, float* delta, int sms, cudaStream_t st) {
+  if (dp == 16)
+    tc_launch<16>(impl, prec, t, delta, sms, st);
+  else if (dp == 32)
+    tc_launch<32>(impl, prec, t, delta, sms, st);
   else
-    tc_bwd<sigtc::kTF32x3>(dp, t, delta, sms, st);
-  DFM_CUDA_LAUNCH_CHECK();
+    tc_launch<64>(impl, prec, t, delta, sms, st);
 }
 
 }  // namespace
@@ -463,8 +436,8 @@ void sigmoid_attn_fwd(GpuContext& ctx, const AttnDims& dm, const float* q, const
     SigArgs g = head_args(dm, h, q, k, v);
     g.out_a = a + h * dm.d;
     g.rowsum = rowsum + h;
-    if (!use_simt(prec)) {
-      tc_fwd_any(prec, dp, tc_args(g), ctx.stream());
+    if (const Impl impl = impl_for(prec); impl != Impl::simt) {
+      tc_any(impl, prec, dp, tc_args(g), nullptr, ctx.sms(), ctx.stream());
       continue;
     }
     if (dp == 16)
@@ -495,8 +468,8 @@ void sigmoid_attn_bwd(GpuContext& ctx, const AttnDims& dm, const float* q, const
     g.dk = dk + h * dm.d;
     g.dv = dv + hv * dm.d;
     g.dv_beta = (dm.vheads == 1 && h > 0) ? 1.0f : dv_beta;
-    if (!use_simt(prec)) {
-      tc_bwd_any(prec, dp, tc_args(g), delta + h, ctx.sms(), ctx.stream());
+    if (const Impl impl = impl_for(prec); impl != Impl::simt) {
+      tc_any(impl, prec, dp, tc_args(g), delta + h, ctx.sms(), ctx.stream());
       continue;
     }
     sigmoid_delta_kernel<<<blocks_for(dm.n, 8, 16 * ctx.sms()), 256, 0, ctx.stream()>>>(g, delta + h);

@@ -94,14 +94,15 @@ __device__ __forceinline__ void store4(__nv_bfloat16* p, float a, float b, float
   *reinterpret_cast<uint2*>(p) = u;
 }
 
-// rows row0 .. row0 + 63 of src (d valid columns) into dst [64][ldt] as T, times scale; zeros
-// outside. float4 loads when every row is 16-byte aligned and full.
-template <int DP, class T>
-__device__ __forceinline__ void load_tile(T* dst, int ldt, const float* __restrict__ src, long long ld, int row0,
+// rows row0 .. row0 + ROWS - 1 of src (d valid columns) into dst [ROWS][ldt] as T, times scale,
+// by NT threads; zeros outside. float4 loads when every row is 16-byte aligned and full.
+template <int DP, int ROWS, int NT, class T>
+__device__ __forceinline__ void load_rows(T* dst, int ldt, const float* __restrict__ src, long long ld, int row0,
                                           int n, int d, float scale) {
   constexpr int C4 = DP / 4;
   const bool vec = d == DP && (ld & 3) == 0 && (reinterpret_cast<std::uintptr_t>(src) & 15) == 0;
-  for (int e = threadIdx.x; e < kBR * C4; e += kThreads) {
+#pragma unroll 4
+  for (int e = threadIdx.x; e < ROWS * C4; e += NT) {
     const int r = e / C4, c = (e % C4) * 4, gr = row0 + r;
     float x0 = 0.0f, x1 = 0.0f, x2 = 0.0f, x3 = 0.0f;
     if (gr < n) {
@@ -118,6 +119,11 @@ __device__ __forceinline__ void load_tile(T* dst, int ldt, const float* __restri
     }
     store4(dst + r * ldt + c, scale * x0, scale * x1, scale * x2, scale * x3);
   }
+}
+template <int DP, class T>
+__device__ __forceinline__ void load_tile(T* dst, int ldt, const float* __restrict__ src, long long ld, int row0,
+                                          int n, int d, float scale) {
+  load_rows<DP, kBR, kThreads>(dst, ldt, src, ld, row0, n, d, scale);
 }
 
 template <class F>
@@ -481,16 +487,17 @@ inline void launch_bwd(Args g, float* delta, int sms, cudaStream_t st) {
 namespace dfm::cuda::sigmma {
 
 using sigtc::Args;
-constexpr int kThreads = 128;  // 4 warps x 16 rows
-constexpr int kBR = 64;
+constexpr int kBC = 64;  // rows of a streamed tile; a block of W warps owns 16 W rows
+constexpr int kDefaultWarps = 8;
 
-template <int DP>
+template <int DP, int W = 4>
 struct Geo {
-  static constexpr int L = DP + 8;                        // bf16 leading dimension (conflict-free)
-  static constexpr int tile = kBR * L * 2;                // bytes
-  static constexpr int fwd_bytes = 3 * tile;
-  static constexpr int dq_bytes = 4 * tile;
-  static constexpr int dkv_bytes = 4 * tile + 2 * kBR * 4;
+  static constexpr int L = DP + 8;          // bf16 leading dimension (conflict-free)
+  static constexpr int tile = kBC * L * 2;  // bytes of a streamed tile
+  static constexpr int own = 16 * W * L * 2;
+  static constexpr int fwd_bytes = own + 2 * tile;
+  static constexpr int dq_bytes = 2 * own + 2 * tile;
+  static constexpr int dkv_bytes = 2 * own + 2 * tile + 2 * kBC * 4;
 };
 
 __device__ __forceinline__ std::uint32_t pack(float lo, float hi) {
@@ -585,26 +592,26 @@ __device__ __forceinline__ void store_rows(float* out, long long ld, int row0, i
   }
 }
 
-template <int DP>
-__global__ void __launch_bounds__(kThreads) fwd_kernel(Args g) {
+template <int DP, int W>
+__global__ void __launch_bounds__(32 * W) fwd_kernel(Args g) {
   using bf = __nv_bfloat16;
   constexpr int L = Geo<DP>::L;
   extern __shared__ __align__(128) unsigned char sm[];
   bf* Qs = reinterpret_cast<bf*>(sm);
-  bf* Ks = Qs + kBR * L;
-  bf* Vs = Ks + kBR * L;
+  bf* Ks = Qs + 16 * W * L;
+  bf* Vs = Ks + kBC * L;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, tq = lane & 3;
-  const int q0 = blockIdx.x * kBR, n = g.n;
-  sigtc::load_tile<DP>(Qs, L, g.q, g.ldq, q0, n, g.d, 1.0f);
+  const int q0 = blockIdx.x * 16 * W, n = g.n;
+  sigtc::load_rows<DP, 16 * W, 32 * W>(Qs, L, g.q, g.ldq, q0, n, g.d, 1.0f);
   __syncthreads();
   std::uint32_t qa[DP / 16][4];
   load_a<DP>(qa, Qs + warp * 16 * L, lane);
   float o[DP / 8][4] = {};
   float rs0 = 0.0f, rs1 = 0.0f;
-  for (int k0 = 0; k0 < n; k0 += kBR) {
+  for (int k0 = 0; k0 < n; k0 += kBC) {
     __syncthreads();
-    sigtc::load_tile<DP>(Ks, L, g.k, g.ldk, k0, n, g.d, 1.0f);
-    sigtc::load_tile<DP>(Vs, L, g.v, g.ldv, k0, n, g.d, 1.0f);
+    sigtc::load_rows<DP, kBC, 32 * W>(Ks, L, g.k, g.ldk, k0, n, g.d, 1.0f);
+    sigtc::load_rows<DP, kBC, 32 * W>(Vs, L, g.v, g.ldv, k0, n, g.d, 1.0f);
     __syncthreads();
     float s[8][4] = {};
     mma_rows<DP>(s, qa, Ks, lane);
@@ -630,19 +637,19 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(Args g) {
   }
 }
 
-template <int DP>
-__global__ void __launch_bounds__(kThreads) dq_kernel(Args g) {
+template <int DP, int W>
+__global__ void __launch_bounds__(32 * W) dq_kernel(Args g) {
   using bf = __nv_bfloat16;
   constexpr int L = Geo<DP>::L;
   extern __shared__ __align__(128) unsigned char sm[];
   bf* Qs = reinterpret_cast<bf*>(sm);
-  bf* dAs = Qs + kBR * L;
-  bf* Ks = dAs + kBR * L;
-  bf* Vs = Ks + kBR * L;
+  bf* dAs = Qs + 16 * W * L;
+  bf* Ks = dAs + 16 * W * L;
+  bf* Vs = Ks + kBC * L;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gq = lane >> 2, tq = lane & 3;
-  const int q0 = blockIdx.x * kBR, n = g.n;
-  sigtc::load_tile<DP>(Qs, L, g.q, g.ldq, q0, n, g.d, 1.0f);
-  sigtc::load_tile<DP>(dAs, L, g.da, g.ldda, q0, n, g.d, g.da_scale);
+  const int q0 = blockIdx.x * 16 * W, n = g.n;
+  sigtc::load_rows<DP, 16 * W, 32 * W>(Qs, L, g.q, g.ldq, q0, n, g.d, 1.0f);
+  sigtc::load_rows<DP, 16 * W, 32 * W>(dAs, L, g.da, g.ldda, q0, n, g.d, g.da_scale);
   __syncthreads();
   std::uint32_t qa[DP / 16][4], aa[DP / 16][4];
   load_a<DP>(qa, Qs + warp * 16 * L, lane);
@@ -653,10 +660,10 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(Args g) {
   const float dl0 = r0 < n ? g.delta[static_cast<long long>(r0) * g.ldr] : 0.0f;
   const float dl1 = r1 < n ? g.delta[static_cast<long long>(r1) * g.ldr] : 0.0f;
   float acc[DP / 8][4] = {};
-  for (int k0 = 0; k0 < n; k0 += kBR) {
+  for (int k0 = 0; k0 < n; k0 += kBC) {
     __syncthreads();
-    sigtc::load_tile<DP>(Ks, L, g.k, g.ldk, k0, n, g.d, 1.0f);
-    sigtc::load_tile<DP>(Vs, L, g.v, g.ldv, k0, n, g.d, 1.0f);
+    sigtc::load_rows<DP, kBC, 32 * W>(Ks, L, g.k, g.ldk, k0, n, g.d, 1.0f);
+    sigtc::load_rows<DP, kBC, 32 * W>(Vs, L, g.v, g.ldv, k0, n, g.d, 1.0f);
     __syncthreads();
     float s[8][4] = {}, p[8][4] = {};
     mma_rows<DP>(s, qa, Ks, lane);
@@ -673,31 +680,31 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(Args g) {
   store_rows<DP>(g.dq, g.ldq, row0, n, g.d, acc, 1.0f, 1.0f, 0.0f, lane);
 }
 
-template <int DP>
-__global__ void __launch_bounds__(kThreads) dkv_kernel(Args g) {
+template <int DP, int W>
+__global__ void __launch_bounds__(32 * W) dkv_kernel(Args g) {
   using bf = __nv_bfloat16;
   constexpr int L = Geo<DP>::L;
   extern __shared__ __align__(128) unsigned char sm[];
   bf* Ks = reinterpret_cast<bf*>(sm);
-  bf* Vs = Ks + kBR * L;
-  bf* Qs = Vs + kBR * L;
-  bf* dAs = Qs + kBR * L;
-  float* rinv_s = reinterpret_cast<float*>(sm + 4 * Geo<DP>::tile);
-  float* dl_s = rinv_s + kBR;
+  bf* Vs = Ks + 16 * W * L;
+  bf* Qs = Vs + 16 * W * L;
+  bf* dAs = Qs + kBC * L;
+  float* rinv_s = reinterpret_cast<float*>(dAs + kBC * L);
+  float* dl_s = rinv_s + kBC;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, tq = lane & 3;
-  const int k0 = blockIdx.x * kBR, n = g.n;
-  sigtc::load_tile<DP>(Ks, L, g.k, g.ldk, k0, n, g.d, 1.0f);
-  sigtc::load_tile<DP>(Vs, L, g.v, g.ldv, k0, n, g.d, 1.0f);
+  const int k0 = blockIdx.x * 16 * W, n = g.n;
+  sigtc::load_rows<DP, 16 * W, 32 * W>(Ks, L, g.k, g.ldk, k0, n, g.d, 1.0f);
+  sigtc::load_rows<DP, 16 * W, 32 * W>(Vs, L, g.v, g.ldv, k0, n, g.d, 1.0f);
   __syncthreads();
   std::uint32_t ka[DP / 16][4], va[DP / 16][4];
   load_a<DP>(ka, Ks + warp * 16 * L, lane);
   load_a<DP>(va, Vs + warp * 16 * L, lane);
   float dk[DP / 8][4] = {}, dv[DP / 8][4] = {};
-  for (int q0 = 0; q0 < n; q0 += kBR) {
+  for (int q0 = 0; q0 < n; q0 += kBC) {
     __syncthreads();
-    sigtc::load_tile<DP>(Qs, L, g.q, g.ldq, q0, n, g.d, 1.0f);
-    sigtc::load_tile<DP>(dAs, L, g.da, g.ldda, q0, n, g.d, g.da_scale);
-    if (threadIdx.x < kBR) {
+    sigtc::load_rows<DP, kBC, 32 * W>(Qs, L, g.q, g.ldq, q0, n, g.d, 1.0f);
+    sigtc::load_rows<DP, kBC, 32 * W>(dAs, L, g.da, g.ldda, q0, n, g.d, g.da_scale);
+    if (threadIdx.x < kBC) {
       const int r = q0 + threadIdx.x;
       rinv_s[threadIdx.x] = r < n ? 1.0f / g.rowsum_in[static_cast<long long>(r) * g.ldr] : 0.0f;
       dl_s[threadIdx.x] = r < n ? g.delta[static_cast<long long>(r) * g.ldr] : 0.0f;
@@ -726,32 +733,286 @@ __global__ void __launch_bounds__(kThreads) dkv_kernel(Args g) {
   store_rows<DP>(g.dv, g.ldv, row0, n, g.d, dv, 1.0f, 1.0f, g.dv_beta, lane);
 }
 
-template <int DP>
+template <int DP, int W>
 inline cudaError_t prepare() {
-  cudaError_t e = cudaFuncSetAttribute(fwd_kernel<DP>, cudaFuncAttributeMaxDynamicSharedMemorySize, Geo<DP>::fwd_bytes);
+  cudaError_t e =
+      cudaFuncSetAttribute(sigmma::fwd_kernel<DP, W>, cudaFuncAttributeMaxDynamicSharedMemorySize, Geo<DP, W>::fwd_bytes);
   if (e == cudaSuccess)
-    e = cudaFuncSetAttribute(dq_kernel<DP>, cudaFuncAttributeMaxDynamicSharedMemorySize, Geo<DP>::dq_bytes);
+    e = cudaFuncSetAttribute(sigmma::dq_kernel<DP, W>, cudaFuncAttributeMaxDynamicSharedMemorySize, Geo<DP, W>::dq_bytes);
   if (e == cudaSuccess)
-    e = cudaFuncSetAttribute(dkv_kernel<DP>, cudaFuncAttributeMaxDynamicSharedMemorySize, Geo<DP>::dkv_bytes);
+    e = cudaFuncSetAttribute(sigmma::dkv_kernel<DP, W>, cudaFuncAttributeMaxDynamicSharedMemorySize, Geo<DP, W>::dkv_bytes);
   return e;
 }
-template <int DP>
+template <int DP, int W = kDefaultWarps>
 inline void launch_fwd(const Args& g, cudaStream_t st) {
-  static const cudaError_t once = prepare<DP>();
+  static const cudaError_t once = prepare<DP, W>();
   (void)once;
-  fwd_kernel<DP><<<(g.n + kBR - 1) / kBR, kThreads, Geo<DP>::fwd_bytes, st>>>(g);
+  sigmma::fwd_kernel<DP, W><<<(g.n + 16 * W - 1) / (16 * W), 32 * W, Geo<DP, W>::fwd_bytes, st>>>(g);
 }
-template <int DP>
+template <int DP, int W = kDefaultWarps>
 inline void launch_bwd(Args g, float* delta, int sms, cudaStream_t st) {
-  static const cudaError_t once = prepare<DP>();
+  static const cudaError_t once = prepare<DP, W>();
   (void)once;
   const long long want = (static_cast<long long>(g.n) + 7) / 8;
   const int db = static_cast<int>(want < 16LL * sms ? (want < 1 ? 1 : want) : 16LL * sms);
   sigtc::delta_kernel<<<db, 256, 0, st>>>(g, delta);
   g.delta = delta;
-  const int nb = (g.n + kBR - 1) / kBR;
-  dkv_kernel<DP><<<nb, kThreads, Geo<DP>::dkv_bytes, st>>>(g);
-  dq_kernel<DP><<<nb, kThreads, Geo<DP>::dq_bytes, st>>>(g);
+  const int nb = (g.n + 16 * W - 1) / (16 * W);
+  sigmma::dkv_kernel<DP, W><<<nb, 32 * W, Geo<DP, W>::dkv_bytes, st>>>(g);
+  sigmma::dq_kernel<DP, W><<<nb, 32 * W, Geo<DP, W>::dq_bytes, st>>>(g);
 }
 
 }  // namespace dfm::cuda::sigmma
+
+// ---- tf32 and 3xTF32 with mma.sync.m16n8k8, the score tile kept in registers ---------------------
+// As sigmma, with fp32 tiles in shared memory (rounded to tf32, or split hi + lo for 3xTF32, as the
+// fragments are loaded). The accumulator of m16n8k8 holds keys 2t, 2t+1 of each 8-key tile where
+// the A operand wants columns t, t+4: the second product simply sums over the keys in that order
+// (A column t <-> key 2t, t+4 <-> 2t+1) and reads V's rows in the same order, so no shuffle.
+namespace dfm::cuda::sigmma32 {
+
+using sigtc::Args;
+constexpr int kBC = 64;  // rows of a streamed tile; a block of W warps owns 16 W rows
+constexpr int kDefaultWarps = 8;
+
+template <int DP, int W = 4>
+struct Geo {
+  static constexpr int L = DP + 4;          // fp32 leading dimension (conflict-free fragment loads)
+  static constexpr int tile = kBC * L * 4;  // bytes of a streamed tile
+  static constexpr int own = 16 * W * L * 4;
+  static constexpr int fwd_bytes = own + 2 * tile;
+  static constexpr int dq_bytes = 2 * own + 2 * tile;
+  static constexpr int dkv_bytes = 2 * own + 2 * tile + 2 * kBC * 4;
+};
+
+__device__ __forceinline__ std::uint32_t to_tf32(float x) {
+  std::uint32_t r;
+  asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(r) : "f"(x));
+  return r;
+}
+template <bool X3>
+__device__ __forceinline__ void split(float x, std::uint32_t& h, std::uint32_t& l) {
+  h = to_tf32(x);
+  if constexpr (X3) l = to_tf32(x - __uint_as_float(h));
+}
+__device__ __forceinline__ void mma8(float (&c)[4], const std::uint32_t (&a)[4], std::uint32_t b0, std::uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+// c += a b with a = ah (+ al), b = bh (+ bl): the small products first
+template <bool X3>
+__device__ __forceinline__ void mma3(float (&c)[4], const std::uint32_t (&ah)[4], const std::uint32_t (&al)[4],
+                                     std::uint32_t bh0, std::uint32_t bh1, std::uint32_t bl0, std::uint32_t bl1) {
+  if constexpr (X3) {
+    mma8(c, al, bh0, bh1);
+    mma8(c, ah, bl0, bl1);
+  }
+  mma8(c, ah, bh0, bh1);
+}
+
+// c[j] += A (16 rows at a, ld L) B for the 8 n-tiles of the 64-row tile y whose rows are the n index
+template <bool X3, int DP>
+__device__ __forceinline__ void mma_rows(float (&c)[8][4], const float* a, const float* y, int lane) {
+  constexpr int L = Geo<DP>::L;
+  const int gq = lane >> 2, tq = lane & 3;
+#pragma unroll
+  for (int kc = 0; kc < DP / 8; ++kc) {
+    std::uint32_t ah[4], al[4] = {};
+    split<X3>(a[gq * L + kc * 8 + tq], ah[0], al[0]);
+    split<X3>(a[(gq + 8) * L + kc * 8 + tq], ah[1], al[1]);
+    split<X3>(a[gq * L + kc * 8 + tq + 4], ah[2], al[2]);
+    split<X3>(a[(gq + 8) * L + kc * 8 + tq + 4], ah[3], al[3]);
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      const float* p = y + (j * 8 + gq) * L + kc * 8 + tq;
+      std::uint32_t bh0, bh1, bl0 = 0, bl1 = 0;
+      split<X3>(p[0], bh0, bl0);
+      split<X3>(p[4], bh1, bl1);
+      mma3<X3>(c[j], ah, al, bh0, bh1, bl0, bl1);
+    }
+  }
+}
+// c[.] (16 x DP) += P (16 x 64, the fragments s) Y (64 x DP, tile rows = k index, read in the
+// permuted key order)
+template <bool X3, int DP>
+__device__ __forceinline__ void mma_cols(float (&c)[DP / 8][4], const float (&s)[8][4], const float* y, int lane) {
+  constexpr int L = Geo<DP>::L;
+  const int gq = lane >> 2, tq = lane & 3;
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+    std::uint32_t ah[4], al[4] = {};
+    split<X3>(s[j][0], ah[0], al[0]);
+    split<X3>(s[j][2], ah[1], al[1]);
+    split<X3>(s[j][1], ah[2], al[2]);
+    split<X3>(s[j][3], ah[3], al[3]);
+#pragma unroll
+    for (int nt = 0; nt < DP / 8; ++nt) {
+      const float* p = y + (j * 8 + 2 * tq) * L + nt * 8 + gq;
+      std::uint32_t bh0, bh1, bl0 = 0, bl1 = 0;
+      split<X3>(p[0], bh0, bl0);
+      split<X3>(p[L], bh1, bl1);
+      mma3<X3>(c[nt], ah, al, bh0, bh1, bl0, bl1);
+    }
+  }
+}
+
+template <bool X3, int DP, int W>
+__global__ void __launch_bounds__(32 * W) fwd_kernel(Args g) {
+  constexpr int L = Geo<DP>::L;
+  extern __shared__ __align__(128) unsigned char sm[];
+  float* Qs = reinterpret_cast<float*>(sm);
+  float* Ks = Qs + 16 * W * L;
+  float* Vs = Ks + kBC * L;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, tq = lane & 3;
+  const int q0 = blockIdx.x * 16 * W, n = g.n;
+  sigtc::load_rows<DP, 16 * W, 32 * W>(Qs, L, g.q, g.ldq, q0, n, g.d, 1.0f);
+  float o[DP / 8][4] = {};
+  float rs0 = 0.0f, rs1 = 0.0f;
+  for (int k0 = 0; k0 < n; k0 += kBC) {
+    __syncthreads();
+    sigtc::load_rows<DP, kBC, 32 * W>(Ks, L, g.k, g.ldk, k0, n, g.d, 1.0f);
+    sigtc::load_rows<DP, kBC, 32 * W>(Vs, L, g.v, g.ldv, k0, n, g.d, 1.0f);
+    __syncthreads();
+    float s[8][4] = {};
+    mma_rows<X3, DP>(s, Qs + warp * 16 * L, Ks, lane);
+#pragma unroll
+    for (int j = 0; j < 8; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) s[j][e] = k0 + j * 8 + 2 * tq + (e & 1) < n ? sigtc::sigm(s[j][e]) : 0.0f;
+#pragma unroll
+    for (int j = 0; j < 8; ++j) rs0 += s[j][0] + s[j][1], rs1 += s[j][2] + s[j][3];
+    mma_cols<X3, DP>(o, s, Vs, lane);
+  }
+#pragma unroll
+  for (int m = 1; m <= 2; m <<= 1) {
+    rs0 += __shfl_xor_sync(0xffffffffu, rs0, m);
+    rs1 += __shfl_xor_sync(0xffffffffu, rs1, m);
+  }
+  const int row0 = q0 + warp * 16;
+  sigmma::store_rows<DP>(g.out_a, g.lda, row0, n, g.d, o, 1.0f / rs0, 1.0f / rs1, 0.0f, lane);
+  if (tq == 0) {
+    const int r = row0 + (lane >> 2);
+    if (r < n) g.rowsum[static_cast<long long>(r) * g.ldr] = rs0;
+    if (r + 8 < n) g.rowsum[static_cast<long long>(r + 8) * g.ldr] = rs1;
+  }
+}
+
+template <bool X3, int DP, int W>
+__global__ void __launch_bounds__(32 * W) dq_kernel(Args g) {
+  constexpr int L = Geo<DP>::L;
+  extern __shared__ __align__(128) unsigned char sm[];
+  float* Qs = reinterpret_cast<float*>(sm);
+  float* dAs = Qs + 16 * W * L;
+  float* Ks = dAs + 16 * W * L;
+  float* Vs = Ks + kBC * L;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gq = lane >> 2, tq = lane & 3;
+  const int q0 = blockIdx.x * 16 * W, n = g.n;
+  sigtc::load_rows<DP, 16 * W, 32 * W>(Qs, L, g.q, g.ldq, q0, n, g.d, 1.0f);
+  sigtc::load_rows<DP, 16 * W, 32 * W>(dAs, L, g.da, g.ldda, q0, n, g.d, g.da_scale);
+  const int row0 = q0 + warp * 16, r0 = row0 + gq, r1 = r0 + 8;
+  const float ri0 = r0 < n ? 1.0f / g.rowsum_in[static_cast<long long>(r0) * g.ldr] : 0.0f;
+  const float ri1 = r1 < n ? 1.0f / g.rowsum_in[static_cast<long long>(r1) * g.ldr] : 0.0f;
+  const float dl0 = r0 < n ? g.delta[static_cast<long long>(r0) * g.ldr] : 0.0f;
+  const float dl1 = r1 < n ? g.delta[static_cast<long long>(r1) * g.ldr] : 0.0f;
+  float acc[DP / 8][4] = {};
+  for (int k0 = 0; k0 < n; k0 += kBC) {
+    __syncthreads();
+    sigtc::load_rows<DP, kBC, 32 * W>(Ks, L, g.k, g.ldk, k0, n, g.d, 1.0f);
+    sigtc::load_rows<DP, kBC, 32 * W>(Vs, L, g.v, g.ldv, k0, n, g.d, 1.0f);
+    __syncthreads();
+    float s[8][4] = {}, p[8][4] = {};
+    mma_rows<X3, DP>(s, Qs + warp * 16 * L, Ks, lane);
+    mma_rows<X3, DP>(p, dAs + warp * 16 * L, Vs, lane);
+#pragma unroll
+    for (int j = 0; j < 8; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const float w = k0 + j * 8 + 2 * tq + (e & 1) < n ? sigtc::sigm(s[j][e]) : 0.0f;
+        s[j][e] = e < 2 ? w * (1.0f - w) * (p[j][e] - dl0) * ri0 : w * (1.0f - w) * (p[j][e] - dl1) * ri1;
+      }
+    mma_cols<X3, DP>(acc, s, Ks, lane);
+  }
+  sigmma::store_rows<DP>(g.dq, g.ldq, row0, n, g.d, acc, 1.0f, 1.0f, 0.0f, lane);
+}
+
+template <bool X3, int DP, int W>
+__global__ void __launch_bounds__(32 * W) dkv_kernel(Args g) {
+  constexpr int L = Geo<DP>::L;
+  extern __shared__ __align__(128) unsigned char sm[];
+  float* Ks = reinterpret_cast<float*>(sm);
+  float* Vs = Ks + 16 * W * L;
+  float* Qs = Vs + 16 * W * L;
+  float* dAs = Qs + kBC * L;
+  float* rinv_s = dAs + kBC * L;
+  float* dl_s = rinv_s + kBC;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, tq = lane & 3;
+  const int k0 = blockIdx.x * 16 * W, n = g.n;
+  sigtc::load_rows<DP, 16 * W, 32 * W>(Ks, L, g.k, g.ldk, k0, n, g.d, 1.0f);
+  sigtc::load_rows<DP, 16 * W, 32 * W>(Vs, L, g.v, g.ldv, k0, n, g.d, 1.0f);
+  float dk[DP / 8][4] = {}, dv[DP / 8][4] = {};
+  for (int q0 = 0; q0 < n; q0 += kBC) {
+    __syncthreads();
+    sigtc::load_rows<DP, kBC, 32 * W>(Qs, L, g.q, g.ldq, q0, n, g.d, 1.0f);
+    sigtc::load_rows<DP, kBC, 32 * W>(dAs, L, g.da, g.ldda, q0, n, g.d, g.da_scale);
+    if (threadIdx.x < kBC) {
+      const int r = q0 + threadIdx.x;
+      rinv_s[threadIdx.x] = r < n ? 1.0f / g.rowsum_in[static_cast<long long>(r) * g.ldr] : 0.0f;
+      dl_s[threadIdx.x] = r < n ? g.delta[static_cast<long long>(r) * g.ldr] : 0.0f;
+    }
+    __syncthreads();
+    float s[8][4] = {}, p[8][4] = {};
+    mma_rows<X3, DP>(s, Ks + warp * 16 * L, Qs, lane);
+    mma_rows<X3, DP>(p, Vs + warp * 16 * L, dAs, lane);
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      const float2 ri = *reinterpret_cast<const float2*>(rinv_s + j * 8 + 2 * tq);
+      const float2 dl = *reinterpret_cast<const float2*>(dl_s + j * 8 + 2 * tq);
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const float r = (e & 1) ? ri.y : ri.x, l = (e & 1) ? dl.y : dl.x;
+        const float w = sigtc::sigm(s[j][e]);
+        s[j][e] = w * r;
+        p[j][e] = w * (1.0f - w) * (p[j][e] - l) * r;
+      }
+    }
+    mma_cols<X3, DP>(dv, s, dAs, lane);
+    mma_cols<X3, DP>(dk, p, Qs, lane);
+  }
+  const int row0 = k0 + warp * 16;
+  sigmma::store_rows<DP>(g.dk, g.ldk, row0, n, g.d, dk, 1.0f, 1.0f, 0.0f, lane);
+  sigmma::store_rows<DP>(g.dv, g.ldv, row0, n, g.d, dv, 1.0f, 1.0f, g.dv_beta, lane);
+}
+
+template <bool X3, int DP, int W>
+inline cudaError_t prepare() {
+  cudaError_t e =
+      cudaFuncSetAttribute(sigmma32::fwd_kernel<X3, DP, W>, cudaFuncAttributeMaxDynamicSharedMemorySize, Geo<DP, W>::fwd_bytes);
+  if (e == cudaSuccess)
+    e = cudaFuncSetAttribute(sigmma32::dq_kernel<X3, DP, W>, cudaFuncAttributeMaxDynamicSharedMemorySize, Geo<DP, W>::dq_bytes);
+  if (e == cudaSuccess)
+    e = cudaFuncSetAttribute(sigmma32::dkv_kernel<X3, DP, W>, cudaFuncAttributeMaxDynamicSharedMemorySize, Geo<DP, W>::dkv_bytes);
+  return e;
+}
+template <bool X3, int DP, int W = kDefaultWarps>
+inline void launch_fwd(const Args& g, cudaStream_t st) {
+  static const cudaError_t once = prepare<X3, DP, W>();
+  (void)once;
+  sigmma32::fwd_kernel<X3, DP, W><<<(g.n + 16 * W - 1) / (16 * W), 32 * W, Geo<DP, W>::fwd_bytes, st>>>(g);
+}
+template <bool X3, int DP, int W = kDefaultWarps>
+inline void launch_bwd(Args g, float* delta, int sms, cudaStream_t st) {
+  static const cudaError_t once = prepare<X3, DP, W>();
+  (void)once;
+  const long long want = (static_cast<long long>(g.n) + 7) / 8;
+  const int db = static_cast<int>(want < 16LL * sms ? (want < 1 ? 1 : want) : 16LL * sms);
+  sigtc::delta_kernel<<<db, 256, 0, st>>>(g, delta);
+  g.delta = delta;
+  const int nb = (g.n + 16 * W - 1) / (16 * W);
+  sigmma32::dkv_kernel<X3, DP, W><<<nb, 32 * W, Geo<DP, W>::dkv_bytes, st>>>(g);
+  sigmma32::dq_kernel<X3, DP, W><<<nb, 32 * W, Geo<DP, W>::dq_bytes, st>>>(g);
+}
+
+}  // namespace dfm::cuda::sigmma32

@@ -184,11 +184,11 @@ void simple_fused_bwd(GpuContext& ctx, const AttnDims& dm, const float* q, const
 // rowsum [n, heads]. Streams key tiles through shared memory: O(n d) memory. d <= 64.
 // Precision of the attention products (the row normaliser r_i is accumulated in fp32 always):
 //   fp32  fp32 accuracy: on the tensor cores as three TF32 products with the operands split
-//         hi + lo ("3xTF32", attn_sigmoid_tc.cuh); DIFFORMER_SIGMOID_SIMT=1 in the environment
-//         selects the plain fp32 CUDA-core kernels instead
-//   tf32  operands rounded to TF32, fp32 accumulation (WMMA)
-//   bf16  operands rounded to bf16, fp32 accumulation (mma.sync, the scores kept in registers;
-//         DIFFORMER_SIGMOID_BF16_WMMA=1 selects the WMMA kernels)
+//         hi + lo ("3xTF32", attn_sigmoid_tc.cuh)
+//   tf32  operands rounded to TF32, fp32 accumulation
+//   bf16  operands rounded to bf16, fp32 accumulation
+// All on mma.sync with the score tile in registers. DIFFORMER_SIGMOID_IMPL=wmma selects the WMMA
+// kernels (scores through shared memory), =simt the plain fp32 CUDA-core kernels (fp32 only).
 // (tests/test_cuda_attention.cpp states the measured errors and the tolerances.)
 enum class AttnPrecision { fp32, tf32, bf16 };
 void sigmoid_attn_fwd(GpuContext& ctx, const AttnDims& dm, const float* q, const float* k, const float* v, float* a,

@@ -1,4 +1,7 @@
 /*
+NOTE: this version builds against the header as of commit 746b389 (the mma kernels became
+version 5 afterwards, with a workspace argument): git show 746b389:src/ops/cuda/attn_sigmoid_tc.cuh
+
 DIFFormer-a (sigmoid) attention on the tensor cores, forward + backward, flash-style (nothing N x N).
 
   w_ij = sigmoid(q_i . k_j), r_i = sum_j w_ij, A_i = sum_j w_ij v_j / r_i
@@ -170,7 +173,7 @@ int main(int argc, char** argv) {
       CUDA_CHECK(cudaMemcpy(b.k, hk.data(), nd * 4, cudaMemcpyHostToDevice));
       CUDA_CHECK(cudaMemcpy(b.v, hv.data(), nd * 4, cudaMemcpyHostToDevice));
       CUDA_CHECK(cudaMemcpy(b.da, hda.data(), nd * 4, cudaMemcpyHostToDevice));
-      for (int m : {kMMA, kBF16, kTF32, kTF32x3}) {
+      for (int m : {(int)kMMA, (int)kBF16, (int)kTF32, (int)kTF32x3}) {
         CUDA_CHECK(cudaMemset(b.dv, 0, nd * 4));
         Args g = b.args(n, d);
         run_any(m, d, g, b.delta, true, true);
@@ -198,7 +201,7 @@ int main(int argc, char** argv) {
     fill_uniform(b.v, nd, 3, -1, 1, 0);
     fill_uniform(b.da, nd, 4, -1, 1, 0);
     const double f2 = (double)N * N * d;
-    for (int m : {kMMA, kBF16, kTF32, kTF32x3}) {
+    for (int m : {(int)kMMA, (int)kBF16, (int)kTF32, (int)kTF32x3}) {
       Args g = b.args(n, d);
       const int it = N <= 30000 ? 5 : 2;
       const float tf = time_ms([&] { run_any(m, d, g, b.delta, true, false); }, 1, it, 0);

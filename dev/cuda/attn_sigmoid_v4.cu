@@ -1,4 +1,7 @@
 /*
+NOTE: this version builds against the header as of commit 746b389 (the mma kernels became
+version 5 afterwards, with a workspace argument): git show 746b389:src/ops/cuda/attn_sigmoid_tc.cuh
+
 DIFFormer-a (sigmoid) attention on the tensor cores, forward + backward, flash-style (nothing N x N).
 
   w_ij = sigmoid(q_i . k_j), r_i = sum_j w_ij, A_i = sum_j w_ij v_j / r_i

@@ -35,6 +35,10 @@ struct Args {  // one head; row strides in floats
   float *out_a = nullptr, *rowsum = nullptr;
   float *dq = nullptr, *dk = nullptr, *dv = nullptr;  // written with strides ldq, ldk, ldv
   float dv_beta = 0.0f;
+  // mma kernels: where the tiles are copied from (cp.async, 16-byte chunks): q, k, v, da themselves
+  // (fp32, d = DP, 16-byte aligned rows) or packed [n][DP] copies in the operand type (setup_sources)
+  const void *sq = nullptr, *sk = nullptr, *sv = nullptr, *sda = nullptr;
+  long long sldq = 0, sldk = 0, sldv = 0, sldda = 0;  // in elements
 };
 
 constexpr int kWarps = 4;
@@ -82,6 +86,37 @@ struct Geo {
 };
 
 __device__ __forceinline__ float sigm(float s) { return 1.0f / (1.0f + __expf(-s)); }
+// fast: __expf and an approximate division (bf16, tf32); accurate: expf and IEEE division (fp32)
+template <bool Accurate>
+__device__ __forceinline__ float sigm2(float s) {
+  if constexpr (Accurate)
+    return 1.0f / (1.0f + expf(-s));
+  else
+    return __fdividef(1.0f, 1.0f + __expf(-s));
+}
+
+__device__ __forceinline__ void cp16(void* dst, const void* src, bool valid) {  // zero-fills when !valid
+  const unsigned d = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+  const int sz = valid ? 16 : 0;
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src), "r"(sz) : "memory");
+}
+__device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void cp_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+// rows row0 .. row0 + ROWS - 1 of src ([.][ld] of T, DP valid columns, 16-byte aligned rows) into
+// dst [ROWS][L], asynchronously; rows >= n zero-filled
+template <int DP, int ROWS, int NT, class T>
+__device__ __forceinline__ void cp_rows(T* dst, int L, const T* src, long long ld, int row0, int n) {
+  constexpr int E = 16 / static_cast<int>(sizeof(T)), CH = DP / E;
+#pragma unroll 4
+  for (int e = threadIdx.x; e < ROWS * CH; e += NT) {
+    const int r = e / CH, c = e % CH, gr = row0 + r;
+    const bool ok = gr < n;
+    cp16(dst + r * L + c * E, src + (ok ? static_cast<long long>(gr) * ld : 0) + c * E, ok);
+  }
+}
 
 __device__ __forceinline__ void store4(float* p, float a, float b, float c, float d) {
   *reinterpret_cast<float4*>(p) = make_float4(a, b, c, d);
@@ -442,6 +477,60 @@ __global__ void delta_kernel(Args g, float* delta) {
   }
 }
 
+// ---- sources of the cp.async tiles (mma kernels) ----------------------------------------------------
+template <class T>
+__device__ __forceinline__ T from_float(float x);
+template <>
+__device__ __forceinline__ float from_float<float>(float x) {
+  return x;
+}
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
+  return __float2bfloat16_rn(x);
+}
+template <class T>
+__global__ void pack_kernel(T* dst, int dp, const float* __restrict__ src, long long ld, int n, int d) {
+  const long long total = static_cast<long long>(n) * dp;
+  for (long long e = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; e < total;
+       e += static_cast<long long>(gridDim.x) * blockDim.x) {
+    const long long r = e / dp;
+    const int c = static_cast<int>(e % dp);
+    dst[e] = from_float<T>(c < d ? src[r * ld + c] : 0.0f);
+  }
+}
+// elements of T that setup_sources may use (q, k, v and dA packed)
+inline long long work_elems(long long n, int dp) { return 4 * n * dp; }
+// Points g.sq, g.sk, g.sv (and g.sda) at the tiles' sources: the fp32 inputs themselves where they
+// are full aligned [n][DP] rows, else packed [n][DP] copies in work (zero-padded, converted to T).
+template <class T, int DP>
+inline void setup_sources(Args& g, T* work, bool with_da, int sms, cudaStream_t st) {
+  int slot = 0;
+  auto one = [&](const float* p, long long ld, const void*& s, long long& sld) {
+    if (std::is_same_v<T, float> && g.d == DP && ld % 4 == 0 && reinterpret_cast<std::uintptr_t>(p) % 16 == 0) {
+      s = p, sld = ld;
+      return;
+    }
+    T* dst = work + static_cast<long long>(slot++) * g.n * DP;
+    const long long want = (static_cast<long long>(g.n) * DP + 255) / 256;
+    const int blocks = static_cast<int>(want < 8LL * sms ? (want < 1 ? 1 : want) : 8LL * sms);
+    pack_kernel<T><<<blocks, 256, 0, st>>>(dst, DP, p, ld, g.n, g.d);
+    s = dst, sld = DP;
+  };
+  one(g.q, g.ldq, g.sq, g.sldq);
+  one(g.k, g.ldk, g.sk, g.sldk);
+  one(g.v, g.ldv, g.sv, g.sldv);
+  if (with_da) one(g.da, g.ldda, g.sda, g.sldda);
+}
+// delta = dA . A with dA unscaled (the mma kernels scale their outputs by da_scale); sets g.delta
+inline void launch_delta(Args& g, float* delta, int sms, cudaStream_t st) {
+  Args u = g;
+  u.da_scale = 1.0f;
+  const long long want = (static_cast<long long>(g.n) + 7) / 8;
+  const int db = static_cast<int>(want < 16LL * sms ? (want < 1 ? 1 : want) : 16LL * sms);
+  delta_kernel<<<db, 256, 0, st>>>(u, delta);
+  g.delta = delta;
+}
+
 // ---- host-side launchers (one head) ---------------------------------------------------------------
 template <int M, int DP>
 inline cudaError_t prepare() {
@@ -490,14 +579,16 @@ using sigtc::Args;
 constexpr int kBC = 64;  // rows of a streamed tile; a block of W warps owns 16 W rows
 constexpr int kDefaultWarps = 8;
 
+// Shared memory: the block's own rows (one or two [16 W][L] tiles), then two stages of the
+// streamed tiles (cp.async double buffering: tile i + 1 is in flight while tile i is used).
 template <int DP, int W = 4>
 struct Geo {
   static constexpr int L = DP + 8;          // bf16 leading dimension (conflict-free)
   static constexpr int tile = kBC * L * 2;  // bytes of a streamed tile
   static constexpr int own = 16 * W * L * 2;
-  static constexpr int fwd_bytes = own + 2 * tile;
-  static constexpr int dq_bytes = 2 * own + 2 * tile;
-  static constexpr int dkv_bytes = 2 * own + 2 * tile + 2 * kBC * 4;
+  static constexpr int fwd_bytes = own + 4 * tile;
+  static constexpr int dq_bytes = 2 * own + 4 * tile;
+  static constexpr int dkv_bytes = 2 * own + 4 * tile + 4 * kBC * 4;
 };
 
 __device__ __forceinline__ std::uint32_t pack(float lo, float hi) {
@@ -595,33 +686,45 @@ __device__ __forceinline__ void store_rows(float* out, long long ld, int row0, i
 template <int DP, int W>
 __global__ void __launch_bounds__(32 * W) fwd_kernel(Args g) {
   using bf = __nv_bfloat16;
-  constexpr int L = Geo<DP>::L;
+  constexpr int L = Geo<DP>::L, NT = 32 * W;
   extern __shared__ __align__(128) unsigned char sm[];
   bf* Qs = reinterpret_cast<bf*>(sm);
-  bf* Ks = Qs + 16 * W * L;
-  bf* Vs = Ks + kBC * L;
+  bf* St = Qs + 16 * W * L;  // stage s: K at St + 2 s kBC L, V after it
+  const bf* sk = static_cast<const bf*>(g.sk);
+  const bf* sv = static_cast<const bf*>(g.sv);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, tq = lane & 3;
-  const int q0 = blockIdx.x * 16 * W, n = g.n;
-  sigtc::load_rows<DP, 16 * W, 32 * W>(Qs, L, g.q, g.ldq, q0, n, g.d, 1.0f);
-  __syncthreads();
+  const int q0 = blockIdx.x * 16 * W, n = g.n, nt = (n + kBC - 1) / kBC;
+  sigtc::cp_rows<DP, 16 * W, NT>(Qs, L, static_cast<const bf*>(g.sq), g.sldq, q0, n);
+  sigtc::cp_rows<DP, kBC, NT>(St, L, sk, g.sldk, 0, n);
+  sigtc::cp_rows<DP, kBC, NT>(St + kBC * L, L, sv, g.sldv, 0, n);
+  sigtc::cp_commit();
   std::uint32_t qa[DP / 16][4];
-  load_a<DP>(qa, Qs + warp * 16 * L, lane);
   float o[DP / 8][4] = {};
   float rs0 = 0.0f, rs1 = 0.0f;
-  for (int k0 = 0; k0 < n; k0 += kBC) {
+  for (int it = 0; it < nt; ++it) {
+    if (it + 1 < nt) {
+      bf* nx = St + ((it + 1) & 1) * 2 * kBC * L;
+      sigtc::cp_rows<DP, kBC, NT>(nx, L, sk, g.sldk, (it + 1) * kBC, n);
+      sigtc::cp_rows<DP, kBC, NT>(nx + kBC * L, L, sv, g.sldv, (it + 1) * kBC, n);
+    }
+    sigtc::cp_commit();
+    sigtc::cp_wait<1>();
     __syncthreads();
-    sigtc::load_rows<DP, kBC, 32 * W>(Ks, L, g.k, g.ldk, k0, n, g.d, 1.0f);
-    sigtc::load_rows<DP, kBC, 32 * W>(Vs, L, g.v, g.ldv, k0, n, g.d, 1.0f);
-    __syncthreads();
+    if (it == 0) load_a<DP>(qa, Qs + warp * 16 * L, lane);
+    const bf* Ks = St + (it & 1) * 2 * kBC * L;
+    const bf* Vs = Ks + kBC * L;
+    const int k0 = it * kBC;
     float s[8][4] = {};
     mma_rows<DP>(s, qa, Ks, lane);
 #pragma unroll
     for (int j = 0; j < 8; ++j)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) s[j][e] = k0 + j * 8 + 2 * tq + (e & 1) < n ? sigtc::sigm(s[j][e]) : 0.0f;
+      for (int e = 0; e < 4; ++e)
+        s[j][e] = k0 + j * 8 + 2 * tq + (e & 1) < n ? sigtc::sigm2<false>(s[j][e]) : 0.0f;
 #pragma unroll
     for (int j = 0; j < 8; ++j) rs0 += s[j][0] + s[j][1], rs1 += s[j][2] + s[j][3];
     mma_cols<DP>(o, s, Vs, lane);
+    __syncthreads();
   }
 #pragma unroll
   for (int m = 1; m <= 2; m <<= 1) {
@@ -637,34 +740,47 @@ __global__ void __launch_bounds__(32 * W) fwd_kernel(Args g) {
   }
 }
 
+// dQ from unscaled dA (sda), times g.da_scale at the end
 template <int DP, int W>
 __global__ void __launch_bounds__(32 * W) dq_kernel(Args g) {
   using bf = __nv_bfloat16;
-  constexpr int L = Geo<DP>::L;
+  constexpr int L = Geo<DP>::L, NT = 32 * W;
   extern __shared__ __align__(128) unsigned char sm[];
   bf* Qs = reinterpret_cast<bf*>(sm);
   bf* dAs = Qs + 16 * W * L;
-  bf* Ks = dAs + 16 * W * L;
-  bf* Vs = Ks + kBC * L;
+  bf* St = dAs + 16 * W * L;
+  const bf* sk = static_cast<const bf*>(g.sk);
+  const bf* sv = static_cast<const bf*>(g.sv);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gq = lane >> 2, tq = lane & 3;
-  const int q0 = blockIdx.x * 16 * W, n = g.n;
-  sigtc::load_rows<DP, 16 * W, 32 * W>(Qs, L, g.q, g.ldq, q0, n, g.d, 1.0f);
-  sigtc::load_rows<DP, 16 * W, 32 * W>(dAs, L, g.da, g.ldda, q0, n, g.d, g.da_scale);
-  __syncthreads();
-  std::uint32_t qa[DP / 16][4], aa[DP / 16][4];
-  load_a<DP>(qa, Qs + warp * 16 * L, lane);
-  load_a<DP>(aa, dAs + warp * 16 * L, lane);
+  const int q0 = blockIdx.x * 16 * W, n = g.n, nt = (n + kBC - 1) / kBC;
+  sigtc::cp_rows<DP, 16 * W, NT>(Qs, L, static_cast<const bf*>(g.sq), g.sldq, q0, n);
+  sigtc::cp_rows<DP, 16 * W, NT>(dAs, L, static_cast<const bf*>(g.sda), g.sldda, q0, n);
+  sigtc::cp_rows<DP, kBC, NT>(St, L, sk, g.sldk, 0, n);
+  sigtc::cp_rows<DP, kBC, NT>(St + kBC * L, L, sv, g.sldv, 0, n);
+  sigtc::cp_commit();
   const int row0 = q0 + warp * 16, r0 = row0 + gq, r1 = r0 + 8;
   const float ri0 = r0 < n ? 1.0f / g.rowsum_in[static_cast<long long>(r0) * g.ldr] : 0.0f;
   const float ri1 = r1 < n ? 1.0f / g.rowsum_in[static_cast<long long>(r1) * g.ldr] : 0.0f;
   const float dl0 = r0 < n ? g.delta[static_cast<long long>(r0) * g.ldr] : 0.0f;
   const float dl1 = r1 < n ? g.delta[static_cast<long long>(r1) * g.ldr] : 0.0f;
+  std::uint32_t qa[DP / 16][4], aa[DP / 16][4];
   float acc[DP / 8][4] = {};
-  for (int k0 = 0; k0 < n; k0 += kBC) {
+  for (int it = 0; it < nt; ++it) {
+    if (it + 1 < nt) {
+      bf* nx = St + ((it + 1) & 1) * 2 * kBC * L;
+      sigtc::cp_rows<DP, kBC, NT>(nx, L, sk, g.sldk, (it + 1) * kBC, n);
+      sigtc::cp_rows<DP, kBC, NT>(nx + kBC * L, L, sv, g.sldv, (it + 1) * kBC, n);
+    }
+    sigtc::cp_commit();
+    sigtc::cp_wait<1>();
     __syncthreads();
-    sigtc::load_rows<DP, kBC, 32 * W>(Ks, L, g.k, g.ldk, k0, n, g.d, 1.0f);
-    sigtc::load_rows<DP, kBC, 32 * W>(Vs, L, g.v, g.ldv, k0, n, g.d, 1.0f);
-    __syncthreads();
+    if (it == 0) {
+      load_a<DP>(qa, Qs + warp * 16 * L, lane);
+      load_a<DP>(aa, dAs + warp * 16 * L, lane);
+    }
+    const bf* Ks = St + (it & 1) * 2 * kBC * L;
+    const bf* Vs = Ks + kBC * L;
+    const int k0 = it * kBC;
     float s[8][4] = {}, p[8][4] = {};
     mma_rows<DP>(s, qa, Ks, lane);
     mma_rows<DP>(p, aa, Vs, lane);
@@ -672,44 +788,58 @@ __global__ void __launch_bounds__(32 * W) dq_kernel(Args g) {
     for (int j = 0; j < 8; ++j)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        const float w = k0 + j * 8 + 2 * tq + (e & 1) < n ? sigtc::sigm(s[j][e]) : 0.0f;
+        const float w = k0 + j * 8 + 2 * tq + (e & 1) < n ? sigtc::sigm2<false>(s[j][e]) : 0.0f;
         s[j][e] = e < 2 ? w * (1.0f - w) * (p[j][e] - dl0) * ri0 : w * (1.0f - w) * (p[j][e] - dl1) * ri1;
       }
     mma_cols<DP>(acc, s, Ks, lane);
+    __syncthreads();
   }
-  store_rows<DP>(g.dq, g.ldq, row0, n, g.d, acc, 1.0f, 1.0f, 0.0f, lane);
+  store_rows<DP>(g.dq, g.ldq, row0, n, g.d, acc, g.da_scale, g.da_scale, 0.0f, lane);
 }
 
 template <int DP, int W>
 __global__ void __launch_bounds__(32 * W) dkv_kernel(Args g) {
   using bf = __nv_bfloat16;
-  constexpr int L = Geo<DP>::L;
+  constexpr int L = Geo<DP>::L, NT = 32 * W;
   extern __shared__ __align__(128) unsigned char sm[];
   bf* Ks = reinterpret_cast<bf*>(sm);
   bf* Vs = Ks + 16 * W * L;
-  bf* Qs = Vs + 16 * W * L;
-  bf* dAs = Qs + kBC * L;
-  float* rinv_s = reinterpret_cast<float*>(dAs + kBC * L);
-  float* dl_s = rinv_s + kBC;
+  bf* St = Vs + 16 * W * L;                                    // stage s: Q, then dA
+  float* sc = reinterpret_cast<float*>(St + 4 * kBC * L);      // stage s: 1/r at sc + 2 s kBC, delta after
+  const bf* sq = static_cast<const bf*>(g.sq);
+  const bf* sda = static_cast<const bf*>(g.sda);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, tq = lane & 3;
-  const int k0 = blockIdx.x * 16 * W, n = g.n;
-  sigtc::load_rows<DP, 16 * W, 32 * W>(Ks, L, g.k, g.ldk, k0, n, g.d, 1.0f);
-  sigtc::load_rows<DP, 16 * W, 32 * W>(Vs, L, g.v, g.ldv, k0, n, g.d, 1.0f);
-  __syncthreads();
-  std::uint32_t ka[DP / 16][4], va[DP / 16][4];
-  load_a<DP>(ka, Ks + warp * 16 * L, lane);
-  load_a<DP>(va, Vs + warp * 16 * L, lane);
-  float dk[DP / 8][4] = {}, dv[DP / 8][4] = {};
-  for (int q0 = 0; q0 < n; q0 += kBC) {
-    __syncthreads();
-    sigtc::load_rows<DP, kBC, 32 * W>(Qs, L, g.q, g.ldq, q0, n, g.d, 1.0f);
-    sigtc::load_rows<DP, kBC, 32 * W>(dAs, L, g.da, g.ldda, q0, n, g.d, g.da_scale);
+  const int k0 = blockIdx.x * 16 * W, n = g.n, nt = (n + kBC - 1) / kBC;
+  auto issue = [&](int t) {
+    bf* nx = St + (t & 1) * 2 * kBC * L;
+    sigtc::cp_rows<DP, kBC, NT>(nx, L, sq, g.sldq, t * kBC, n);
+    sigtc::cp_rows<DP, kBC, NT>(nx + kBC * L, L, sda, g.sldda, t * kBC, n);
     if (threadIdx.x < kBC) {
-      const int r = q0 + threadIdx.x;
-      rinv_s[threadIdx.x] = r < n ? 1.0f / g.rowsum_in[static_cast<long long>(r) * g.ldr] : 0.0f;
-      dl_s[threadIdx.x] = r < n ? g.delta[static_cast<long long>(r) * g.ldr] : 0.0f;
+      float* c = sc + (t & 1) * 2 * kBC;
+      const int r = t * kBC + threadIdx.x;
+      c[threadIdx.x] = r < n ? 1.0f / g.rowsum_in[static_cast<long long>(r) * g.ldr] : 0.0f;
+      c[kBC + threadIdx.x] = r < n ? g.delta[static_cast<long long>(r) * g.ldr] : 0.0f;
     }
+  };
+  sigtc::cp_rows<DP, 16 * W, NT>(Ks, L, static_cast<const bf*>(g.sk), g.sldk, k0, n);
+  sigtc::cp_rows<DP, 16 * W, NT>(Vs, L, static_cast<const bf*>(g.sv), g.sldv, k0, n);
+  issue(0);
+  sigtc::cp_commit();
+  std::uint32_t ka[DP / 16][4], va[DP / 16][4];
+  float dk[DP / 8][4] = {}, dv[DP / 8][4] = {};
+  for (int it = 0; it < nt; ++it) {
+    if (it + 1 < nt) issue(it + 1);
+    sigtc::cp_commit();
+    sigtc::cp_wait<1>();
     __syncthreads();
+    if (it == 0) {
+      load_a<DP>(ka, Ks + warp * 16 * L, lane);
+      load_a<DP>(va, Vs + warp * 16 * L, lane);
+    }
+    const bf* Qs = St + (it & 1) * 2 * kBC * L;
+    const bf* dAs = Qs + kBC * L;
+    const float* rinv_s = sc + (it & 1) * 2 * kBC;
+    const float* dl_s = rinv_s + kBC;
     float s[8][4] = {}, p[8][4] = {};
     mma_rows<DP>(s, ka, Qs, lane);
     mma_rows<DP>(p, va, dAs, lane);
@@ -720,17 +850,18 @@ __global__ void __launch_bounds__(32 * W) dkv_kernel(Args g) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const float r = (e & 1) ? ri.y : ri.x, l = (e & 1) ? dl.y : dl.x;
-        const float w = sigtc::sigm(s[j][e]);
+        const float w = sigtc::sigm2<false>(s[j][e]);
         s[j][e] = w * r;
         p[j][e] = w * (1.0f - w) * (p[j][e] - l) * r;
       }
     }
     mma_cols<DP>(dv, s, dAs, lane);
     mma_cols<DP>(dk, p, Qs, lane);
+    __syncthreads();
   }
   const int row0 = k0 + warp * 16;
-  store_rows<DP>(g.dk, g.ldk, row0, n, g.d, dk, 1.0f, 1.0f, 0.0f, lane);
-  store_rows<DP>(g.dv, g.ldv, row0, n, g.d, dv, 1.0f, 1.0f, g.dv_beta, lane);
+  store_rows<DP>(g.dk, g.ldk, row0, n, g.d, dk, g.da_scale, g.da_scale, 0.0f, lane);
+  store_rows<DP>(g.dv, g.ldv, row0, n, g.d, dv, g.da_scale, g.da_scale, g.dv_beta, lane);
 }
 
 template <int DP, int W>
@@ -740,23 +871,24 @@ inline cudaError_t prepare() {
   if (e == cudaSuccess)
     e = cudaFuncSetAttribute(sigmma::dq_kernel<DP, W>, cudaFuncAttributeMaxDynamicSharedMemorySize, Geo<DP, W>::dq_bytes);
   if (e == cudaSuccess)
-    e = cudaFuncSetAttribute(sigmma::dkv_kernel<DP, W>, cudaFuncAttributeMaxDynamicSharedMemorySize, Geo<DP, W>::dkv_bytes);
+    e = cudaFuncSetAttribute(sigmma::dkv_kernel<DP, W>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                             Geo<DP, W>::dkv_bytes);
   return e;
 }
+// work: setup_sources' workspace, work_elems<__nv_bfloat16>(n, DP) elements
 template <int DP, int W = kDefaultWarps>
-inline void launch_fwd(const Args& g, cudaStream_t st) {
+inline void launch_fwd(Args g, __nv_bfloat16* work, int sms, cudaStream_t st) {
   static const cudaError_t once = prepare<DP, W>();
   (void)once;
+  sigtc::setup_sources<__nv_bfloat16, DP>(g, work, false, sms, st);
   sigmma::fwd_kernel<DP, W><<<(g.n + 16 * W - 1) / (16 * W), 32 * W, Geo<DP, W>::fwd_bytes, st>>>(g);
 }
 template <int DP, int W = kDefaultWarps>
-inline void launch_bwd(Args g, float* delta, int sms, cudaStream_t st) {
+inline void launch_bwd(Args g, float* delta, __nv_bfloat16* work, int sms, cudaStream_t st) {
   static const cudaError_t once = prepare<DP, W>();
   (void)once;
-  const long long want = (static_cast<long long>(g.n) + 7) / 8;
-  const int db = static_cast<int>(want < 16LL * sms ? (want < 1 ? 1 : want) : 16LL * sms);
-  sigtc::delta_kernel<<<db, 256, 0, st>>>(g, delta);
-  g.delta = delta;
+  sigtc::launch_delta(g, delta, sms, st);
+  sigtc::setup_sources<__nv_bfloat16, DP>(g, work, true, sms, st);
   const int nb = (g.n + 16 * W - 1) / (16 * W);
   sigmma::dkv_kernel<DP, W><<<nb, 32 * W, Geo<DP, W>::dkv_bytes, st>>>(g);
   sigmma::dq_kernel<DP, W><<<nb, 32 * W, Geo<DP, W>::dq_bytes, st>>>(g);
@@ -780,9 +912,9 @@ struct Geo {
   static constexpr int L = DP + 4;          // fp32 leading dimension (conflict-free fragment loads)
   static constexpr int tile = kBC * L * 4;  // bytes of a streamed tile
   static constexpr int own = 16 * W * L * 4;
-  static constexpr int fwd_bytes = own + 2 * tile;
-  static constexpr int dq_bytes = 2 * own + 2 * tile;
-  static constexpr int dkv_bytes = 2 * own + 2 * tile + 2 * kBC * 4;
+  static constexpr int fwd_bytes = own + 4 * tile;
+  static constexpr int dq_bytes = 2 * own + 4 * tile;
+  static constexpr int dkv_bytes = 2 * own + 4 * tile + 4 * kBC * 4;
 };
 
 __device__ __forceinline__ std::uint32_t to_tf32(float x) {
@@ -861,30 +993,42 @@ __device__ __forceinline__ void mma_cols(float (&c)[DP / 8][4], const float (&s)
 
 template <bool X3, int DP, int W>
 __global__ void __launch_bounds__(32 * W) fwd_kernel(Args g) {
-  constexpr int L = Geo<DP>::L;
+  constexpr int L = Geo<DP>::L, NT = 32 * W;
   extern __shared__ __align__(128) unsigned char sm[];
   float* Qs = reinterpret_cast<float*>(sm);
-  float* Ks = Qs + 16 * W * L;
-  float* Vs = Ks + kBC * L;
+  float* St = Qs + 16 * W * L;
+  const float* sk = static_cast<const float*>(g.sk);
+  const float* sv = static_cast<const float*>(g.sv);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, tq = lane & 3;
-  const int q0 = blockIdx.x * 16 * W, n = g.n;
-  sigtc::load_rows<DP, 16 * W, 32 * W>(Qs, L, g.q, g.ldq, q0, n, g.d, 1.0f);
+  const int q0 = blockIdx.x * 16 * W, n = g.n, nt = (n + kBC - 1) / kBC;
+  sigtc::cp_rows<DP, 16 * W, NT>(Qs, L, static_cast<const float*>(g.sq), g.sldq, q0, n);
+  sigtc::cp_rows<DP, kBC, NT>(St, L, sk, g.sldk, 0, n);
+  sigtc::cp_rows<DP, kBC, NT>(St + kBC * L, L, sv, g.sldv, 0, n);
+  sigtc::cp_commit();
   float o[DP / 8][4] = {};
   float rs0 = 0.0f, rs1 = 0.0f;
-  for (int k0 = 0; k0 < n; k0 += kBC) {
+  for (int it = 0; it < nt; ++it) {
+    if (it + 1 < nt) {
+      float* nx = St + ((it + 1) & 1) * 2 * kBC * L;
+      sigtc::cp_rows<DP, kBC, NT>(nx, L, sk, g.sldk, (it + 1) * kBC, n);
+      sigtc::cp_rows<DP, kBC, NT>(nx + kBC * L, L, sv, g.sldv, (it + 1) * kBC, n);
+    }
+    sigtc::cp_commit();
+    sigtc::cp_wait<1>();
     __syncthreads();
-    sigtc::load_rows<DP, kBC, 32 * W>(Ks, L, g.k, g.ldk, k0, n, g.d, 1.0f);
-    sigtc::load_rows<DP, kBC, 32 * W>(Vs, L, g.v, g.ldv, k0, n, g.d, 1.0f);
-    __syncthreads();
+    const float* Ks = St + (it & 1) * 2 * kBC * L;
+    const float* Vs = Ks + kBC * L;
+    const int k0 = it * kBC;
     float s[8][4] = {};
     mma_rows<X3, DP>(s, Qs + warp * 16 * L, Ks, lane);
 #pragma unroll
     for (int j = 0; j < 8; ++j)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) s[j][e] = k0 + j * 8 + 2 * tq + (e & 1) < n ? sigtc::sigm(s[j][e]) : 0.0f;
+      for (int e = 0; e < 4; ++e) s[j][e] = k0 + j * 8 + 2 * tq + (e & 1) < n ? sigtc::sigm2<X3>(s[j][e]) : 0.0f;
 #pragma unroll
     for (int j = 0; j < 8; ++j) rs0 += s[j][0] + s[j][1], rs1 += s[j][2] + s[j][3];
     mma_cols<X3, DP>(o, s, Vs, lane);
+    __syncthreads();
   }
 #pragma unroll
   for (int m = 1; m <= 2; m <<= 1) {
@@ -902,27 +1046,38 @@ __global__ void __launch_bounds__(32 * W) fwd_kernel(Args g) {
 
 template <bool X3, int DP, int W>
 __global__ void __launch_bounds__(32 * W) dq_kernel(Args g) {
-  constexpr int L = Geo<DP>::L;
+  constexpr int L = Geo<DP>::L, NT = 32 * W;
   extern __shared__ __align__(128) unsigned char sm[];
   float* Qs = reinterpret_cast<float*>(sm);
   float* dAs = Qs + 16 * W * L;
-  float* Ks = dAs + 16 * W * L;
-  float* Vs = Ks + kBC * L;
+  float* St = dAs + 16 * W * L;
+  const float* sk = static_cast<const float*>(g.sk);
+  const float* sv = static_cast<const float*>(g.sv);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gq = lane >> 2, tq = lane & 3;
-  const int q0 = blockIdx.x * 16 * W, n = g.n;
-  sigtc::load_rows<DP, 16 * W, 32 * W>(Qs, L, g.q, g.ldq, q0, n, g.d, 1.0f);
-  sigtc::load_rows<DP, 16 * W, 32 * W>(dAs, L, g.da, g.ldda, q0, n, g.d, g.da_scale);
+  const int q0 = blockIdx.x * 16 * W, n = g.n, nt = (n + kBC - 1) / kBC;
+  sigtc::cp_rows<DP, 16 * W, NT>(Qs, L, static_cast<const float*>(g.sq), g.sldq, q0, n);
+  sigtc::cp_rows<DP, 16 * W, NT>(dAs, L, static_cast<const float*>(g.sda), g.sldda, q0, n);
+  sigtc::cp_rows<DP, kBC, NT>(St, L, sk, g.sldk, 0, n);
+  sigtc::cp_rows<DP, kBC, NT>(St + kBC * L, L, sv, g.sldv, 0, n);
+  sigtc::cp_commit();
   const int row0 = q0 + warp * 16, r0 = row0 + gq, r1 = r0 + 8;
   const float ri0 = r0 < n ? 1.0f / g.rowsum_in[static_cast<long long>(r0) * g.ldr] : 0.0f;
   const float ri1 = r1 < n ? 1.0f / g.rowsum_in[static_cast<long long>(r1) * g.ldr] : 0.0f;
   const float dl0 = r0 < n ? g.delta[static_cast<long long>(r0) * g.ldr] : 0.0f;
   const float dl1 = r1 < n ? g.delta[static_cast<long long>(r1) * g.ldr] : 0.0f;
   float acc[DP / 8][4] = {};
-  for (int k0 = 0; k0 < n; k0 += kBC) {
+  for (int it = 0; it < nt; ++it) {
+    if (it + 1 < nt) {
+      float* nx = St + ((it + 1) & 1) * 2 * kBC * L;
+      sigtc::cp_rows<DP, kBC, NT>(nx, L, sk, g.sldk, (it + 1) * kBC, n);
+      sigtc::cp_rows<DP, kBC, NT>(nx + kBC * L, L, sv, g.sldv, (it + 1) * kBC, n);
+    }
+    sigtc::cp_commit();
+    sigtc::cp_wait<1>();
     __syncthreads();
-    sigtc::load_rows<DP, kBC, 32 * W>(Ks, L, g.k, g.ldk, k0, n, g.d, 1.0f);
-    sigtc::load_rows<DP, kBC, 32 * W>(Vs, L, g.v, g.ldv, k0, n, g.d, 1.0f);
-    __syncthreads();
+    const float* Ks = St + (it & 1) * 2 * kBC * L;
+    const float* Vs = Ks + kBC * L;
+    const int k0 = it * kBC;
     float s[8][4] = {}, p[8][4] = {};
     mma_rows<X3, DP>(s, Qs + warp * 16 * L, Ks, lane);
     mma_rows<X3, DP>(p, dAs + warp * 16 * L, Vs, lane);
@@ -930,39 +1085,52 @@ __global__ void __launch_bounds__(32 * W) dq_kernel(Args g) {
     for (int j = 0; j < 8; ++j)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        const float w = k0 + j * 8 + 2 * tq + (e & 1) < n ? sigtc::sigm(s[j][e]) : 0.0f;
+        const float w = k0 + j * 8 + 2 * tq + (e & 1) < n ? sigtc::sigm2<X3>(s[j][e]) : 0.0f;
         s[j][e] = e < 2 ? w * (1.0f - w) * (p[j][e] - dl0) * ri0 : w * (1.0f - w) * (p[j][e] - dl1) * ri1;
       }
     mma_cols<X3, DP>(acc, s, Ks, lane);
+    __syncthreads();
   }
-  sigmma::store_rows<DP>(g.dq, g.ldq, row0, n, g.d, acc, 1.0f, 1.0f, 0.0f, lane);
+  sigmma::store_rows<DP>(g.dq, g.ldq, row0, n, g.d, acc, g.da_scale, g.da_scale, 0.0f, lane);
 }
 
 template <bool X3, int DP, int W>
 __global__ void __launch_bounds__(32 * W) dkv_kernel(Args g) {
-  constexpr int L = Geo<DP>::L;
+  constexpr int L = Geo<DP>::L, NT = 32 * W;
   extern __shared__ __align__(128) unsigned char sm[];
   float* Ks = reinterpret_cast<float*>(sm);
   float* Vs = Ks + 16 * W * L;
-  float* Qs = Vs + 16 * W * L;
-  float* dAs = Qs + kBC * L;
-  float* rinv_s = dAs + kBC * L;
-  float* dl_s = rinv_s + kBC;
+  float* St = Vs + 16 * W * L;
+  float* sc = St + 4 * kBC * L;
+  const float* sq = static_cast<const float*>(g.sq);
+  const float* sda = static_cast<const float*>(g.sda);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, tq = lane & 3;
-  const int k0 = blockIdx.x * 16 * W, n = g.n;
-  sigtc::load_rows<DP, 16 * W, 32 * W>(Ks, L, g.k, g.ldk, k0, n, g.d, 1.0f);
-  sigtc::load_rows<DP, 16 * W, 32 * W>(Vs, L, g.v, g.ldv, k0, n, g.d, 1.0f);
-  float dk[DP / 8][4] = {}, dv[DP / 8][4] = {};
-  for (int q0 = 0; q0 < n; q0 += kBC) {
-    __syncthreads();
-    sigtc::load_rows<DP, kBC, 32 * W>(Qs, L, g.q, g.ldq, q0, n, g.d, 1.0f);
-    sigtc::load_rows<DP, kBC, 32 * W>(dAs, L, g.da, g.ldda, q0, n, g.d, g.da_scale);
+  const int k0 = blockIdx.x * 16 * W, n = g.n, nt = (n + kBC - 1) / kBC;
+  auto issue = [&](int t) {
+    float* nx = St + (t & 1) * 2 * kBC * L;
+    sigtc::cp_rows<DP, kBC, NT>(nx, L, sq, g.sldq, t * kBC, n);
+    sigtc::cp_rows<DP, kBC, NT>(nx + kBC * L, L, sda, g.sldda, t * kBC, n);
     if (threadIdx.x < kBC) {
-      const int r = q0 + threadIdx.x;
-      rinv_s[threadIdx.x] = r < n ? 1.0f / g.rowsum_in[static_cast<long long>(r) * g.ldr] : 0.0f;
-      dl_s[threadIdx.x] = r < n ? g.delta[static_cast<long long>(r) * g.ldr] : 0.0f;
+      float* c = sc + (t & 1) * 2 * kBC;
+      const int r = t * kBC + threadIdx.x;
+      c[threadIdx.x] = r < n ? 1.0f / g.rowsum_in[static_cast<long long>(r) * g.ldr] : 0.0f;
+      c[kBC + threadIdx.x] = r < n ? g.delta[static_cast<long long>(r) * g.ldr] : 0.0f;
     }
+  };
+  sigtc::cp_rows<DP, 16 * W, NT>(Ks, L, static_cast<const float*>(g.sk), g.sldk, k0, n);
+  sigtc::cp_rows<DP, 16 * W, NT>(Vs, L, static_cast<const float*>(g.sv), g.sldv, k0, n);
+  issue(0);
+  sigtc::cp_commit();
+  float dk[DP / 8][4] = {}, dv[DP / 8][4] = {};
+  for (int it = 0; it < nt; ++it) {
+    if (it + 1 < nt) issue(it + 1);
+    sigtc::cp_commit();
+    sigtc::cp_wait<1>();
     __syncthreads();
+    const float* Qs = St + (it & 1) * 2 * kBC * L;
+    const float* dAs = Qs + kBC * L;
+    const float* rinv_s = sc + (it & 1) * 2 * kBC;
+    const float* dl_s = rinv_s + kBC;
     float s[8][4] = {}, p[8][4] = {};
     mma_rows<X3, DP>(s, Ks + warp * 16 * L, Qs, lane);
     mma_rows<X3, DP>(p, Vs + warp * 16 * L, dAs, lane);
@@ -973,43 +1141,46 @@ __global__ void __launch_bounds__(32 * W) dkv_kernel(Args g) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const float r = (e & 1) ? ri.y : ri.x, l = (e & 1) ? dl.y : dl.x;
-        const float w = sigtc::sigm(s[j][e]);
+        const float w = sigtc::sigm2<X3>(s[j][e]);
         s[j][e] = w * r;
         p[j][e] = w * (1.0f - w) * (p[j][e] - l) * r;
       }
     }
     mma_cols<X3, DP>(dv, s, dAs, lane);
     mma_cols<X3, DP>(dk, p, Qs, lane);
+    __syncthreads();
   }
   const int row0 = k0 + warp * 16;
-  sigmma::store_rows<DP>(g.dk, g.ldk, row0, n, g.d, dk, 1.0f, 1.0f, 0.0f, lane);
-  sigmma::store_rows<DP>(g.dv, g.ldv, row0, n, g.d, dv, 1.0f, 1.0f, g.dv_beta, lane);
+  sigmma::store_rows<DP>(g.dk, g.ldk, row0, n, g.d, dk, g.da_scale, g.da_scale, 0.0f, lane);
+  sigmma::store_rows<DP>(g.dv, g.ldv, row0, n, g.d, dv, g.da_scale, g.da_scale, g.dv_beta, lane);
 }
 
 template <bool X3, int DP, int W>
 inline cudaError_t prepare() {
-  cudaError_t e =
-      cudaFuncSetAttribute(sigmma32::fwd_kernel<X3, DP, W>, cudaFuncAttributeMaxDynamicSharedMemorySize, Geo<DP, W>::fwd_bytes);
+  cudaError_t e = cudaFuncSetAttribute(sigmma32::fwd_kernel<X3, DP, W>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                       Geo<DP, W>::fwd_bytes);
   if (e == cudaSuccess)
-    e = cudaFuncSetAttribute(sigmma32::dq_kernel<X3, DP, W>, cudaFuncAttributeMaxDynamicSharedMemorySize, Geo<DP, W>::dq_bytes);
+    e = cudaFuncSetAttribute(sigmma32::dq_kernel<X3, DP, W>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                             Geo<DP, W>::dq_bytes);
   if (e == cudaSuccess)
-    e = cudaFuncSetAttribute(sigmma32::dkv_kernel<X3, DP, W>, cudaFuncAttributeMaxDynamicSharedMemorySize, Geo<DP, W>::dkv_bytes);
+    e = cudaFuncSetAttribute(sigmma32::dkv_kernel<X3, DP, W>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                             Geo<DP, W>::dkv_bytes);
   return e;
 }
+// work: setup_sources' workspace (used only where an input is not a full, aligned [n][DP] fp32 array)
 template <bool X3, int DP, int W = kDefaultWarps>
-inline void launch_fwd(const Args& g, cudaStream_t st) {
+inline void launch_fwd(Args g, float* work, int sms, cudaStream_t st) {
   static const cudaError_t once = prepare<X3, DP, W>();
   (void)once;
+  sigtc::setup_sources<float, DP>(g, work, false, sms, st);
   sigmma32::fwd_kernel<X3, DP, W><<<(g.n + 16 * W - 1) / (16 * W), 32 * W, Geo<DP, W>::fwd_bytes, st>>>(g);
 }
 template <bool X3, int DP, int W = kDefaultWarps>
-inline void launch_bwd(Args g, float* delta, int sms, cudaStream_t st) {
+inline void launch_bwd(Args g, float* delta, float* work, int sms, cudaStream_t st) {
   static const cudaError_t once = prepare<X3, DP, W>();
   (void)once;
-  const long long want = (static_cast<long long>(g.n) + 7) / 8;
-  const int db = static_cast<int>(want < 16LL * sms ? (want < 1 ? 1 : want) : 16LL * sms);
-  sigtc::delta_kernel<<<db, 256, 0, st>>>(g, delta);
-  g.delta = delta;
+  sigtc::launch_delta(g, delta, sms, st);
+  sigtc::setup_sources<float, DP>(g, work, true, sms, st);
   const int nb = (g.n + 16 * W - 1) / (16 * W);
   sigmma32::dkv_kernel<X3, DP, W><<<nb, 32 * W, Geo<DP, W>::dkv_bytes, st>>>(g);
   sigmma32::dq_kernel<X3, DP, W><<<nb, 32 * W, Geo<DP, W>::dq_bytes, st>>>(g);

@@ -183,13 +183,13 @@ void simple_fused_bwd(GpuContext& ctx, const AttnDims& dm, const float* q, const
 // w_ij = sigmoid(q_i . k_j) (no scaling), A_i = sum_j w_ij v_j / r_i, r_i = sum_j w_ij saved in
 // rowsum [n, heads]. Streams key tiles through shared memory: O(n d) memory. d <= 64.
 // Precision of the attention products (the row normaliser r_i is accumulated in fp32 always):
-//   fp32  fp32 accuracy: on the tensor cores as three TF32 products with the operands split
-//         hi + lo ("3xTF32", attn_sigmoid_tc.cuh)
-//   tf32  operands rounded to TF32, fp32 accumulation
-//   bf16  operands rounded to bf16, fp32 accumulation
-// All on mma.sync with the score tile in registers. DIFFORMER_SIGMOID_IMPL=wmma selects the WMMA
-// kernels (scores through shared memory), =simt the plain fp32 CUDA-core kernels (fp32 only).
-// (tests/test_cuda_attention.cpp states the measured errors and the tolerances.)
+//   fp32  the fp32 CUDA-core kernels (exact); DIFFORMER_SIGMOID_IMPL=mma: on the tensor cores as
+//         three TF32 products with the operands split hi + lo ("3xTF32"), 1.5x faster but its
+//         error grows with N (2.9e-5 at N = 4099 against 1.2e-6; tests/test_cuda_attention.cpp)
+//   tf32  operands rounded to TF32, fp32 accumulation (about 3e-4 relative error)
+//   bf16  operands rounded to bf16, fp32 accumulation (about 3e-3)
+// tf32 and bf16 run mma.sync kernels with the score tile in registers (attn_sigmoid_tc.cuh);
+// DIFFORMER_SIGMOID_IMPL=wmma selects the WMMA kernels (scores through shared memory).
 enum class AttnPrecision { fp32, tf32, bf16 };
 void sigmoid_attn_fwd(GpuContext& ctx, const AttnDims& dm, const float* q, const float* k, const float* v, float* a,
                       float* rowsum, AttnPrecision prec = AttnPrecision::fp32);

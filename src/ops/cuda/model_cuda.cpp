@@ -33,7 +33,11 @@ constexpr float kLayerNormEps = 1e-5f;  // as difformer.cpp
 Precision parse_precision(const std::string& s) {
   if (s == "fp32") return Precision::fp32;
   if (s == "tf32") return Precision::tf32;
-  fail("--precision: unknown value '", s, "', expected fp32 or tf32");
+  if (s == "bf16") return Precision::tf32;  // cuBLAS GEMMs on TF32; the sigmoid attention in bf16
+  fail("--precision: unknown value '", s, "', expected fp32, tf32 or bf16");
+}
+AttnPrecision attn_precision(const std::string& s) {
+  return s == "bf16" ? AttnPrecision::bf16 : (s == "tf32" ? AttnPrecision::tf32 : AttnPrecision::fp32);
 }
 
 struct DevCsr {
@@ -338,7 +342,8 @@ struct Model::Impl {
         simple_attn_fwd(ctx, dims(), norm(), q.data(), k.data(), vp, a.data(), s);
         att = a.data();
       } else {
-        sigmoid_attn_fwd(ctx, dims(), q.data(), k.data(), vp, a_saved[l].data(), rowsum[l].data());
+        sigmoid_attn_fwd(ctx, dims(), q.data(), k.data(), vp, a_saved[l].data(), rowsum[l].data(),
+                         attn_precision(opt.precision));
         att = a_saved[l].data();
       }
     }
@@ -499,7 +504,7 @@ struct Model::Impl {
         dk = k.data();
       } else {
         sigmoid_attn_bwd(ctx, dims(), q.data(), k.data(), vp, a_saved[l].data(), rowsum[l].data(), d_o, D, 0,
-                         da_scale, q.data(), a.data(), g.data(), 0.0f, dden.data());
+                         da_scale, q.data(), a.data(), g.data(), 0.0f, dden.data(), attn_precision(opt.precision));
         dk = a.data();
       }
       dv_valid = true;

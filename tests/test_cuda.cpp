@@ -703,6 +703,12 @@ std::vector<ModelCase> model_cases() {
     cs.push_back(m);
   }
   {
+    // the paper's 20News / image settings: hidden 300, no graph (LayerNorm rows of 300 > 256)
+    ModelCase m{"simple_wide_hidden_300_no_graph", base()};
+    m.cfg.hidden = 300, m.cfg.use_graph = false, m.cfg.use_weight = false, m.cfg.dropout = 0.1f;
+    cs.push_back(m);
+  }
+  {
     ModelCase m{"zero_layers", base()};
     m.cfg.layers = 0;
     cs.push_back(m);

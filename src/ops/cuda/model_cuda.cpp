@@ -118,7 +118,7 @@ struct Model::Impl {
   Impl(const ModelConfig& c, const DeviceOptions& o)
       : cfg(c), opt(o), ctx(parse_precision(o.precision), o.device) {
     cfg.validate();
-    DFM_CHECK(cfg.hidden <= 256, "--device cuda: hidden width ", cfg.hidden, " is not supported (at most 256)");
+    DFM_CHECK(cfg.hidden <= 512, "--device cuda: hidden width ", cfg.hidden, " is not supported (at most 512)");
     DFM_CHECK(cfg.kernel != Kernel::sigmoid || cfg.hidden <= sigmoid_attn_max_d(),
               "--device cuda: the sigmoid kernel supports --hidden up to ", sigmoid_attn_max_d(), " (got ",
               cfg.hidden, ")");

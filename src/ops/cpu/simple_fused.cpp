@@ -9,6 +9,7 @@
 #include <cmath>
 
 #include "core/error.hpp"
+#include "core/profile.hpp"
 #include "ops/ops.hpp"
 
 namespace dfm::cpu {
@@ -28,6 +29,15 @@ Mat gram_tn(const Mat& a, const Mat& b) {
   for (int t = 1; t < threads; ++t) part[0] += part[t];
   return part[0];
 }
+
+// Eigen's own threads on the D x D products cost more than they save (fork/join per 64^3
+// product); the N-row work below is split by hand inside our parallel regions, where Eigen is
+// serial anyway.
+struct EigenSerial {
+  int saved = Eigen::nbThreads();
+  EigenSerial() { Eigen::setNbThreads(1); }
+  ~EigenSerial() { Eigen::setNbThreads(saved); }
+};
 
 // ||h W^T + 1 b^T||_F from G and u, in double.
 double projected_norm(const Mat& gram, const Vec& u, const ConstMatMap& w, const ConstVecMap& b, Index n) {
@@ -60,7 +70,11 @@ struct Views {
 void simple_attn_fused_fwd(const Mat& h, const FoldedProjections& w, int heads, Mat& a, SimpleFusedState& st) {
   const Index n = h.rows(), d = h.cols(), hd = heads * d;
   const Views v(w, hd, d);
+  const EigenSerial serial;
+  prof::Section p_gram("fused_fwd.gram");
   st.gram = gram_tn(h, h);
+  p_gram.stop();
+  prof::Section p_small("fused_fwd.dxd");
   st.u = h.colwise().sum().transpose();
   st.sq = projected_norm(st.gram, st.u, v.wq, v.bq, n);
   st.sk = projected_norm(st.gram, st.u, v.wk, v.bk, n);
@@ -93,6 +107,8 @@ void simple_attn_fused_fwd(const Mat& h, const FoldedProjections& w, int heads, 
     b.col(hd + hh).noalias() = wq_h.transpose() * ks * isq;
     c[hd + hh] = bq_h.dot(ks) * isq + fn;
   }
+  p_small.stop();
+  prof::Section p_main("fused_fwd.rows");
   a.resize(n, hd);
   st.den.resize(n, heads);
   const int threads = omp_get_max_threads();
@@ -117,12 +133,15 @@ void simple_attn_fused_fwd(const Mat& h, const FoldedProjections& w, int heads, 
 }
 
 void simple_attn_fused_bwd(const Mat& h, const FoldedProjections& w, int heads, const Mat& a,
-                           const SimpleFusedState& st, const Mat& da, Mat& dh, const FoldedGrads& g) {
+                           const SimpleFusedState& st, const Mat& da, Mat& dh, const FoldedGrads& g,
+                           bool accumulate) {
   const Index n = h.rows(), d = h.cols(), hd = heads * d;
   const Views v(w, hd, d);
+  const EigenSerial serial;
   const float fn = static_cast<float>(n);
   const float isq = static_cast<float>(1.0 / st.sq), isk = static_cast<float>(1.0 / st.sk);
   // X = [dnum_1 .. dnum_H | dden_1 .. dden_H]
+  prof::Section p_x("fused_bwd.x+s");
   Mat x(n, hd + heads);
 #pragma omp parallel for schedule(static)
   for (Index i = 0; i < n; ++i)
@@ -136,6 +155,8 @@ void simple_attn_fused_bwd(const Mat& h, const FoldedProjections& w, int heads, 
   const Eigen::RowVectorXf t = x.colwise().sum();  // t_h and tau_h
   // Per head: dKV_h, dks_h; through the value map E_h = dKV_h Wv_h and f_h = dks_h + dKV_h bv_h
   // (E_h = dKV_h, f_h = dks_h without one); hk_h = h^T Kn_h.
+  p_x.stop();
+  prof::Section p_small("fused_bwd.dxd");
   std::vector<Mat> dkv(heads), e(heads), hk(heads);
   std::vector<Vec> dks(heads), f(heads);
   double gamma_q = 0, gamma_k = 0;
@@ -197,7 +218,12 @@ void simple_attn_fused_bwd(const Mat& h, const FoldedProjections& w, int heads, 
       zb += t_h;
     }
   }
-  dh.resize(n, d);
+  p_small.stop();
+  prof::Section p_rows("fused_bwd.rows");
+  if (accumulate)
+    DFM_ASSERT(dh.rows() == n && dh.cols() == d);
+  else
+    dh.resize(n, d);
   const int threads = omp_get_max_threads();
 #pragma omp parallel num_threads(threads)
   {
@@ -205,7 +231,10 @@ void simple_attn_fused_bwd(const Mat& h, const FoldedProjections& w, int heads, 
     const Index lo = n * th / threads, hi = n * (th + 1) / threads;
     if (hi > lo) {
       auto out = dh.middleRows(lo, hi - lo);
-      out.noalias() = x.middleRows(lo, hi - lo) * p;
+      if (accumulate)
+        out.noalias() += x.middleRows(lo, hi - lo) * p;
+      else
+        out.noalias() = x.middleRows(lo, hi - lo) * p;
       out.noalias() += h.middleRows(lo, hi - lo) * z;
       out.rowwise() += zb.transpose();
     }

@@ -260,16 +260,27 @@ void DIFFormer::forward(const ModelInput& in, bool training, std::uint64_t dropo
     cpu::linear_fwd(*in.dense, params.mat(fc_in_w_), params.ptr(fc_in_b_), cfg_.use_ln ? x1 : h0);
   else
     cpu::linear_sparse_fwd(*in.sparse, params.mat(fc_in_w_), params.ptr(fc_in_b_), cfg_.use_ln ? x1 : h0);
-  if (cfg_.use_ln) {
-    Mat xhat;
-    Vec rstd;
-    cpu::layernorm_fwd(x1, params.ptr(ln_in_g_), params.ptr(ln_in_b_), kLayerNormEps, h0,
-                       state ? state->in_xhat : xhat, state ? state->in_rstd : rstd);
-  }
-  cpu::relu_inplace(h0);
-  if (training && cfg_.dropout > 0) {
+  const bool drop = training && cfg_.dropout > 0;
+  if (cfg_.use_ln) {  // LayerNorm, ReLU and dropout in one row pass
+    cpu::MixInputs m;
+    m.h_in = &x1;
+    m.keep_in = 1.0f;
+    m.scale = 0.0f;
+    m.relu = true;
     std::vector<std::uint8_t> keep;
-    cpu::dropout_fwd(h0, cfg_.dropout, mix_seed(dropout_seed, 0), state ? state->in_keep : keep);
+    cpu::mix_layernorm_dropout_fwd(m, params.ptr(ln_in_g_), params.ptr(ln_in_b_), kLayerNormEps,
+                                   drop ? cfg_.dropout : 0.0f, mix_seed(dropout_seed, 0),
+                                   drop ? (state ? &state->in_keep : &keep) : nullptr, h0,
+                                   state ? &state->in_xhat : nullptr, state ? &state->in_rstd : nullptr);
+    if (state && !drop) state->in_keep.clear();
+  } else {
+    cpu::relu_inplace(h0);
+    if (drop) {
+      std::vector<std::uint8_t> keep;
+      cpu::dropout_fwd(h0, cfg_.dropout, mix_seed(dropout_seed, 0), state ? state->in_keep : keep);
+    } else if (state) {
+      state->in_keep.clear();
+    }
   }
   t_in.stop();
   if (hidden) hidden->assign(1, h0);

@@ -134,7 +134,9 @@ void graph_prop(const Csr& adj, CMatRef v, Mat& g, float alpha = 1.0f, bool accu
 // The row-wise tail of a diffusion layer in one pass over the rows:
 //   z = scale * (wa * sum_h a_h + cg * G) + keep_in * h_in,   y = LayerNorm(z) (gamma, beta),
 //   y = dropout(y) when keep is given (the mask of dropout_fwd on y's flat indices),
-// where G is g when given, else adj * gsrc gathered row by row (never stored), else absent.
+// where G is g when given, else adj * gsrc gathered row by row (never stored), else absent; with
+// relu, y = max(y, 0) between LayerNorm and dropout. With scale 0 the z terms other than
+// keep_in * h_in are skipped (not multiplied by 0).
 // xhat and rstd (for backward) may be null.
 struct MixInputs {
   const Mat* h_in = nullptr;
@@ -146,6 +148,7 @@ struct MixInputs {
   const Csr* adj = nullptr;   // with gsrc [N, D]: G = adj gsrc
   const Mat* gsrc = nullptr;
   float cg = 1.0f;
+  bool relu = false;  // y = relu(LayerNorm(z)) before dropout (the input block)
 };
 void mix_layernorm_dropout_fwd(const MixInputs& m, const float* gamma, const float* beta, float eps, float p,
                                std::uint64_t seed, std::vector<std::uint8_t>* keep, Mat& y, Mat* xhat, Vec* rstd);

@@ -527,11 +527,12 @@ void mix_layernorm_dropout_fwd(const MixInputs& m, const float* gamma, const flo
   const std::uint32_t threshold = dropout_threshold(p);
   const float fd = static_cast<float>(d);
   const float wa = m.wa, cg = m.cg, scale = m.scale, keep_in = m.keep_in;
+  const bool relu = m.relu, terms = scale != 0.0f;
   const int heads = m.heads;
-  const float* pa = m.a ? m.a->data() : nullptr;
+  const float* pa = m.a && terms ? m.a->data() : nullptr;
   const Index lda = m.a ? m.a->cols() : 0;
-  const float* pg = m.g ? m.g->data() : nullptr;
-  const Csr* adj = m.g ? nullptr : m.adj;
+  const float* pg = m.g && terms ? m.g->data() : nullptr;
+  const Csr* adj = m.g || !terms ? nullptr : m.adj;
   const float* psrc = adj ? m.gsrc->data() : nullptr;
   const Index ldsrc = adj ? m.gsrc->outerStride() : 0;
   const float* ph = h_in.data();
@@ -579,6 +580,7 @@ void mix_layernorm_dropout_fwd(const MixInputs& m, const float* gamma, const flo
           zr[b] *= r;
           if (px) store8(px + i * d + 8 * b, zr[b]);
           v8f yv = zr[b] * load8(gamma + 8 * b) + load8(beta + 8 * b);
+          if (relu) yv = yv > 0.0f ? yv : v8f{};
           if (pk) {
             const v8i32 km = keep_mask8(seed, static_cast<std::uint64_t>(i * d + 8 * b), threshold);
             store_keep8(pk + i * d + 8 * b, km);
@@ -623,6 +625,8 @@ void mix_layernorm_dropout_fwd(const MixInputs& m, const float* gamma, const flo
       for (Index c = 0; c < d; ++c) z[c] *= r;  // xhat
       if (px) std::memcpy(px + i * d, z, sizeof(float) * static_cast<size_t>(d));
       for (Index c = 0; c < d; ++c) yi[c] = z[c] * gamma[c] + beta[c];
+      if (relu)
+        for (Index c = 0; c < d; ++c) yi[c] = yi[c] > 0.0f ? yi[c] : 0.0f;
       if (pk) {
         std::uint8_t* __restrict ki = pk + i * d;
         const std::uint64_t base = static_cast<std::uint64_t>(i * d);

@@ -41,10 +41,12 @@ struct EigenSerial {
 
 // ||h W^T + 1 b^T||_F from G and u, in double.
 double projected_norm(const Mat& gram, const Vec& u, const ConstMatMap& w, const ConstVecMap& b, Index n) {
-  const Eigen::MatrixXd wd = w.cast<double>();
+  // tr(W G W^T): the D x D product in float (Eigen's GEMM), the sum in double
+  const Mat wg = w * gram;
+  double quad = 0;
+  for (Index i = 0; i < w.rows(); ++i) quad += static_cast<double>(wg.row(i).dot(w.row(i)));
   const Eigen::VectorXd bd = b.cast<double>();
-  const double quad = ((wd * gram.cast<double>()).cwiseProduct(wd)).sum();
-  const double cross = 2.0 * bd.dot(wd * u.cast<double>());
+  const double cross = 2.0 * bd.dot(w.cast<double>() * u.cast<double>());
   const double s2 = quad + cross + static_cast<double>(n) * bd.squaredNorm();
   return std::sqrt(std::max(s2, 0.0));
 }
@@ -143,16 +145,35 @@ void simple_attn_fused_bwd(const Mat& h, const FoldedProjections& w, int heads, 
   // X = [dnum_1 .. dnum_H | dden_1 .. dden_H]
   prof::Section p_x("fused_bwd.x+s");
   Mat x(n, hd + heads);
-#pragma omp parallel for schedule(static)
-  for (Index i = 0; i < n; ++i)
-    for (int hh = 0; hh < heads; ++hh) {
-      const float den = st.den(i, hh);
-      const auto da_i = da.row(i).segment(hh * d, d);
-      x.row(i).segment(hh * d, d) = da_i / den;
-      x(i, hd + hh) = -da_i.dot(a.row(i).segment(hh * d, d)) / den;
+  // One pass per thread over its rows: build X, then its share of S = h^T X and of t = X^T 1
+  // (partials summed in thread order: deterministic for a given thread count).
+  const int nth = omp_get_max_threads();
+  std::vector<Mat> s_part(nth);
+  std::vector<Eigen::RowVectorXf> t_part(nth);
+#pragma omp parallel num_threads(nth)
+  {
+    const int th = omp_get_thread_num();
+    const Index lo = n * th / nth, hi = n * (th + 1) / nth;
+    for (Index i = lo; i < hi; ++i)
+      for (int hh = 0; hh < heads; ++hh) {
+        const float den = st.den(i, hh);
+        const auto da_i = da.row(i).segment(hh * d, d);
+        x.row(i).segment(hh * d, d) = da_i / den;
+        x(i, hd + hh) = -da_i.dot(a.row(i).segment(hh * d, d)) / den;
+      }
+    s_part[th].setZero(d, hd + heads);
+    t_part[th].setZero(hd + heads);
+    if (hi > lo) {
+      s_part[th].noalias() += h.middleRows(lo, hi - lo).transpose() * x.middleRows(lo, hi - lo);
+      for (Index i = lo; i < hi; ++i) t_part[th] += x.row(i);
     }
-  const Mat s = gram_tn(h, x);                     // [D, HD+H]: R_h and r_h
-  const Eigen::RowVectorXf t = x.colwise().sum();  // t_h and tau_h
+  }
+  for (int th = 1; th < nth; ++th) {
+    s_part[0] += s_part[th];
+    t_part[0] += t_part[th];
+  }
+  const Mat& s = s_part[0];                 // [D, HD+H]: R_h and r_h
+  const Eigen::RowVectorXf& t = t_part[0];  // t_h and tau_h
   // Per head: dKV_h, dks_h; through the value map E_h = dKV_h Wv_h and f_h = dks_h + dKV_h bv_h
   // (E_h = dKV_h, f_h = dks_h without one); hk_h = h^T Kn_h.
   p_x.stop();

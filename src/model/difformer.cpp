@@ -139,6 +139,43 @@ void DIFFormer::layer_forward(int l, const ModelInput& in, const Mat& h_in, bool
   prof::Section t_attn("fwd.attn");
   if (folded) {
     cpu::SimpleFusedState local;
+    // With V = h (no Wv) the whole tail (residual mix, graph gather, LayerNorm, dropout) runs on
+    // each block of attention rows as soon as it is computed, while it is in cache.
+    if (cfg_.use_ln && !cfg_.use_weight) {
+      DFM_CHECK(!cfg_.use_graph || in.graph,
+                "model: use_graph is on but the input has no graph (pass --no-graph or a file with edge_index)");
+      const bool drop = training && cfg_.dropout > 0;
+      cpu::MixInputs m;
+      m.h_in = &h_in;
+      m.keep_in = cfg_.use_residual ? 1.0f - cfg_.alpha : 0.0f;
+      m.scale = cfg_.use_residual ? cfg_.alpha : 1.0f;
+      m.a = &a;
+      m.heads = heads;
+      m.wa = ca / heads;
+      if (cfg_.use_graph) {
+        m.adj = &in.graph->adj;
+        m.gsrc = &h_in;
+        m.cg = cg;
+      }
+      h_out.resize(n, d);
+      Mat* xhat = ls ? &ls->xhat : nullptr;
+      Vec* rstd = ls ? &ls->rstd : nullptr;
+      if (xhat) xhat->resize(n, d);
+      if (rstd) rstd->resize(n);
+      std::vector<std::uint8_t> local_keep;
+      std::vector<std::uint8_t>* keep = drop ? (ls ? &ls->keep : &local_keep) : nullptr;
+      if (keep) keep->resize(static_cast<size_t>(n * d));
+      if (ls && !drop) ls->keep.clear();
+      const float p = drop ? cfg_.dropout : 0.0f;
+      const std::uint64_t lseed = mix_seed(seed, l + 1);
+      const float *gamma = params.ptr(s.ln_g), *beta = params.ptr(s.ln_b);
+      std::uint8_t* pk = keep ? keep->data() : nullptr;
+      const std::function<void(Index, Index)> tail = [&](Index lo, Index hi) {
+        cpu::mix_layernorm_dropout_rows(m, gamma, beta, kLayerNormEps, p, lseed, pk, h_out, xhat, rstd, lo, hi);
+      };
+      cpu::simple_attn_fused_fwd(h_in, folded_projections(l), heads, a, ls ? ls->fused : local, &tail);
+      return;
+    }
     cpu::simple_attn_fused_fwd(h_in, folded_projections(l), heads, a, ls ? ls->fused : local);
   } else if (attention) {
     cpu::linear_fwd(h_in, params.mat(s.wq), params.ptr(s.bq), q);

@@ -9,6 +9,7 @@
 #pragma once
 #include <cmath>
 #include <cstdint>
+#include <functional>
 #include <vector>
 
 #include "core/tensor.hpp"
@@ -152,6 +153,11 @@ struct MixInputs {
 };
 void mix_layernorm_dropout_fwd(const MixInputs& m, const float* gamma, const float* beta, float eps, float p,
                                std::uint64_t seed, std::vector<std::uint8_t>* keep, Mat& y, Mat* xhat, Vec* rstd);
+// The same on rows [lo, hi) only, serially (to run inside a caller's parallel region): y, xhat,
+// rstd and keep (flat, n*D bytes, or null) must already be sized.
+void mix_layernorm_dropout_rows(const MixInputs& m, const float* gamma, const float* beta, float eps, float p,
+                                std::uint64_t seed, std::uint8_t* keep, Mat& y, Mat* xhat, Vec* rstd, Index lo,
+                                Index hi);
 // Its backward through dropout (when keep is given), LayerNorm and the residual mix:
 //   dz = LayerNorm_bwd(dropout_bwd(dy)),  d_o = scale * dz,  dh_in = keep_in * dz  (both overwritten),
 // dgamma, dbeta accumulated.
@@ -183,7 +189,10 @@ struct SimpleFusedState {
   Vec u;            // [D]      h^T 1
   double sq = 0, sk = 0;  // ||Q||_F, ||K||_F
 };
-void simple_attn_fused_fwd(const Mat& h, const FoldedProjections& w, int heads, Mat& a, SimpleFusedState& st);
+// after_rows, when given, is called by the computing thread on each finished block of rows
+// [lo, hi) of a (and st.den), while they are in cache (the layer tail fuses in there).
+void simple_attn_fused_fwd(const Mat& h, const FoldedProjections& w, int heads, Mat& a, SimpleFusedState& st,
+                           const std::function<void(Index, Index)>* after_rows = nullptr);
 // dh is OVERWRITTEN with the attention's whole contribution (through Q, K and V); the parameter
 // gradients are accumulated.
 void simple_attn_fused_bwd(const Mat& h, const FoldedProjections& w, int heads, const Mat& a,

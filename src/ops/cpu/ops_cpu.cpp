@@ -515,14 +515,11 @@ void graph_prop(const Csr& adj, CMatRef v, Mat& g, float alpha, bool accumulate)
 }
 
 // ---- fused row passes of a diffusion layer ---------------------------------------------------
-void mix_layernorm_dropout_fwd(const MixInputs& m, const float* gamma, const float* beta, float eps, float p,
-                               std::uint64_t seed, std::vector<std::uint8_t>* keep, Mat& y, Mat* xhat, Vec* rstd) {
+void mix_layernorm_dropout_rows(const MixInputs& m, const float* gamma, const float* beta, float eps, float p,
+                                std::uint64_t seed, std::uint8_t* keep, Mat& y, Mat* xhat, Vec* rstd, Index lo,
+                                Index hi) {
   const Mat& h_in = *m.h_in;
-  const Index n = h_in.rows(), d = h_in.cols();
-  y.resize(n, d);
-  if (xhat) xhat->resize(n, d);
-  if (rstd) rstd->resize(n);
-  if (keep) keep->resize(static_cast<size_t>(n * d));
+  const Index d = h_in.cols();
   const float dscale = p < 1.0f ? 1.0f / (1.0f - p) : 0.0f;
   const std::uint32_t threshold = dropout_threshold(p);
   const float fd = static_cast<float>(d);
@@ -539,16 +536,14 @@ void mix_layernorm_dropout_fwd(const MixInputs& m, const float* gamma, const flo
   float* py = y.data();
   float* px = xhat ? xhat->data() : nullptr;
   float* pr = rstd ? rstd->data() : nullptr;
-  std::uint8_t* pk = keep ? keep->data() : nullptr;
-#pragma omp parallel if (n * d > 16384)
+  std::uint8_t* pk = keep;
   {
     std::vector<float> buf(static_cast<size_t>(2 * d));
     float* __restrict gi = buf.data();
     float* __restrict z = buf.data() + d;
     if (d == 64) {  // the row in eight 8-float registers, one pass
       constexpr int B = 8;
-#pragma omp for schedule(static)
-      for (Index i = 0; i < n; ++i) {
+      for (Index i = lo; i < hi; ++i) {
         v8f zr[B];
         for (int b = 0; b < B; ++b) zr[b] = v8f{};
         if (pa)
@@ -590,8 +585,7 @@ void mix_layernorm_dropout_fwd(const MixInputs& m, const float* gamma, const flo
         }
       }
     } else {
-#pragma omp for schedule(static)
-    for (Index i = 0; i < n; ++i) {
+    for (Index i = lo; i < hi; ++i) {
       const float* __restrict hi = ph + i * d;
       for (Index c = 0; c < d; ++c) z[c] = 0.0f;
       if (pa)
@@ -635,6 +629,21 @@ void mix_layernorm_dropout_fwd(const MixInputs& m, const float* gamma, const flo
       }
     }
     }
+  }
+}
+
+void mix_layernorm_dropout_fwd(const MixInputs& m, const float* gamma, const float* beta, float eps, float p,
+                               std::uint64_t seed, std::vector<std::uint8_t>* keep, Mat& y, Mat* xhat, Vec* rstd) {
+  const Index n = m.h_in->rows(), d = m.h_in->cols();
+  y.resize(n, d);
+  if (xhat) xhat->resize(n, d);
+  if (rstd) rstd->resize(n);
+  if (keep) keep->resize(static_cast<size_t>(n * d));
+  std::uint8_t* pk = keep ? keep->data() : nullptr;
+#pragma omp parallel if (n * d > 16384)
+  {
+    const Index t = omp_get_thread_num(), nt = omp_get_num_threads();
+    mix_layernorm_dropout_rows(m, gamma, beta, eps, p, seed, pk, y, xhat, rstd, n * t / nt, n * (t + 1) / nt);
   }
 }
 

@@ -69,7 +69,8 @@ struct Views {
 
 }  // namespace
 
-void simple_attn_fused_fwd(const Mat& h, const FoldedProjections& w, int heads, Mat& a, SimpleFusedState& st) {
+void simple_attn_fused_fwd(const Mat& h, const FoldedProjections& w, int heads, Mat& a, SimpleFusedState& st,
+                           const std::function<void(Index, Index)>* after_rows) {
   const Index n = h.rows(), d = h.cols(), hd = heads * d;
   const Views v(w, hd, d);
   const EigenSerial serial;
@@ -130,6 +131,7 @@ void simple_attn_fused_fwd(const Mat& h, const FoldedProjections& w, int heads, 
           a.row(r0 + i).segment(hh * d, d) = (y.row(i).segment(hh * d, d) + c.segment(hh * d, d)) / den;
         }
       }
+      if (after_rows) (*after_rows)(r0, r0 + m);
     }
   }
 }

@@ -207,39 +207,58 @@ void simple_attn_fused_bwd(const Mat& h, const FoldedProjections& w, int heads, 
   Vec zb = Vec::Zero(d);
   MatMap dwq(g.wq, hd, d), dwk(g.wk, hd, d);
   VecMap dbq(g.bq, hd), dbk(g.bk, hd);
-  for (int hh = 0; hh < heads; ++hh) {
-    const auto wq_h = v.wq.middleRows(hh * d, d), wk_h = v.wk.middleRows(hh * d, d);
-    const auto bq_h = v.bq.segment(hh * d, d), bk_h = v.bk.segment(hh * d, d);
-    const auto kv_h = st.kv.middleRows(hh * d, d);
-    const Vec ks_h = st.ks.row(hh).transpose();
-    const auto r_h = s.middleCols(hh * d, d);
-    const Vec rr = s.col(hd + hh);
-    const Vec t_h = t.segment(hh * d, d).transpose();
-    const float tau = t[hd + hh];
-    dwq.middleRows(hh * d, d).noalias() +=
-        (kv_h * r_h.transpose() + ks_h * rr.transpose() - (gq * isq) * (wq_h * st.gram + bq_h * st.u.transpose())) *
-        isq;
-    dbq.segment(hh * d, d) += (kv_h * t_h + ks_h * tau - (gq * isq) * (wq_h * st.u + fn * bq_h)) * isq;
-    dwk.middleRows(hh * d, d).noalias() +=
-        (e[hh] * st.gram + f[hh] * st.u.transpose() - (gk * isk) * (wk_h * st.gram + bk_h * st.u.transpose())) * isk;
-    dbk.segment(hh * d, d) += (e[hh] * st.u + fn * f[hh] - (gk * isk) * (wk_h * st.u + fn * bk_h)) * isk;
-    p.middleRows(hh * d, d).noalias() = kv_h.transpose() * wq_h * isq;
-    p.row(hd + hh) = (wq_h.transpose() * ks_h * isq).transpose();
-    // through Q (norm term), through K, and through V: dV_h = Kn_h dKV_h + 1 t_h^T
-    z.noalias() += (-gq * isq * isq) * (wq_h.transpose() * wq_h) + (e[hh].transpose() * wk_h) * isk -
-                   (gk * isk * isk) * (wk_h.transpose() * wk_h) + (wk_h.transpose() * e[hh]) * isk;
-    zb += (-gq * isq * isq) * (wq_h.transpose() * bq_h) + (wk_h.transpose() * f[hh]) * isk -
-          (gk * isk * isk) * (wk_h.transpose() * bk_h) + (e[hh].transpose() * bk_h) * isk;
-    if (v.has_v) {
-      const auto wv_h = v.wv.middleRows(hh * d, d);
-      zb += wv_h.transpose() * t_h;
-      MatMap dwv(g.wv, hd, d);
-      VecMap dbv(g.bv, hd);
-      dwv.middleRows(hh * d, d).noalias() += dkv[hh].transpose() * hk[hh].transpose() + t_h * st.u.transpose();
-      dbv.segment(hh * d, d) += dkv[hh].transpose() * ks_h + fn * t_h;
-    } else {
-      zb += t_h;
+  // Two independent groups of D x D products (parameter gradients and P | Z and the value map),
+  // one per thread when there are two: each group runs serially, so results do not depend on it.
+  auto grads_and_p = [&] {
+    for (int hh = 0; hh < heads; ++hh) {
+      const auto wq_h = v.wq.middleRows(hh * d, d), wk_h = v.wk.middleRows(hh * d, d);
+      const auto bq_h = v.bq.segment(hh * d, d), bk_h = v.bk.segment(hh * d, d);
+      const auto kv_h = st.kv.middleRows(hh * d, d);
+      const Vec ks_h = st.ks.row(hh).transpose();
+      const auto r_h = s.middleCols(hh * d, d);
+      const Vec rr = s.col(hd + hh);
+      const Vec t_h = t.segment(hh * d, d).transpose();
+      const float tau = t[hd + hh];
+      dwq.middleRows(hh * d, d).noalias() +=
+          (kv_h * r_h.transpose() + ks_h * rr.transpose() - (gq * isq) * (wq_h * st.gram + bq_h * st.u.transpose())) *
+          isq;
+      dbq.segment(hh * d, d) += (kv_h * t_h + ks_h * tau - (gq * isq) * (wq_h * st.u + fn * bq_h)) * isq;
+      dwk.middleRows(hh * d, d).noalias() +=
+          (e[hh] * st.gram + f[hh] * st.u.transpose() - (gk * isk) * (wk_h * st.gram + bk_h * st.u.transpose())) * isk;
+      dbk.segment(hh * d, d) += (e[hh] * st.u + fn * f[hh] - (gk * isk) * (wk_h * st.u + fn * bk_h)) * isk;
+      p.middleRows(hh * d, d).noalias() = kv_h.transpose() * wq_h * isq;
+      p.row(hd + hh) = (wq_h.transpose() * ks_h * isq).transpose();
     }
+  };
+  auto z_and_value = [&] {
+    for (int hh = 0; hh < heads; ++hh) {
+      const auto wq_h = v.wq.middleRows(hh * d, d), wk_h = v.wk.middleRows(hh * d, d);
+      const auto bq_h = v.bq.segment(hh * d, d), bk_h = v.bk.segment(hh * d, d);
+      const Vec ks_h = st.ks.row(hh).transpose();
+      const Vec t_h = t.segment(hh * d, d).transpose();
+      // through Q (norm term), through K, and through V: dV_h = Kn_h dKV_h + 1 t_h^T
+      z.noalias() += (-gq * isq * isq) * (wq_h.transpose() * wq_h) + (e[hh].transpose() * wk_h) * isk -
+                     (gk * isk * isk) * (wk_h.transpose() * wk_h) + (wk_h.transpose() * e[hh]) * isk;
+      zb += (-gq * isq * isq) * (wq_h.transpose() * bq_h) + (wk_h.transpose() * f[hh]) * isk -
+            (gk * isk * isk) * (wk_h.transpose() * bk_h) + (e[hh].transpose() * bk_h) * isk;
+      if (v.has_v) {
+        const auto wv_h = v.wv.middleRows(hh * d, d);
+        zb += wv_h.transpose() * t_h;
+        MatMap dwv(g.wv, hd, d);
+        VecMap dbv(g.bv, hd);
+        dwv.middleRows(hh * d, d).noalias() += dkv[hh].transpose() * hk[hh].transpose() + t_h * st.u.transpose();
+        dbv.segment(hh * d, d) += dkv[hh].transpose() * ks_h + fn * t_h;
+      } else {
+        zb += t_h;
+      }
+    }
+  };
+#pragma omp parallel sections num_threads(2) if (omp_get_max_threads() > 1)
+  {
+#pragma omp section
+    grads_and_p();
+#pragma omp section
+    z_and_value();
   }
   p_small.stop();
   prof::Section p_rows("fused_bwd.rows");

@@ -3,6 +3,7 @@
 #include <cmath>
 
 #include "core/error.hpp"
+#include "core/profile.hpp"
 
 namespace dfm {
 
@@ -123,7 +124,6 @@ void DIFFormer::layer_forward(int l, const ModelInput& in, const Mat& h_in, bool
   Mat& q = ls ? ls->q : scratch_q_;
   Mat& k = ls ? ls->k : scratch_k_;
   Mat& a = ls ? ls->a : scratch_a_;
-  Mat& o = scratch_o_;
 
   const Mat* v = &h_in;  // without Wv the layer input is the single shared value head
   if (cfg_.use_weight && !(attention && fused_simple())) {
@@ -136,8 +136,46 @@ void DIFFormer::layer_forward(int l, const ModelInput& in, const Mat& h_in, bool
   const float cg = mix ? cfg_.graph_weight : 1.0f;
 
   const bool folded = attention && fused_simple();
+  prof::Section t_attn("fwd.attn");
   if (folded) {
     cpu::SimpleFusedState local;
+    // With V = h (no Wv) the whole tail (residual mix, graph gather, LayerNorm, dropout) runs on
+    // each block of attention rows as soon as it is computed, while it is in cache.
+    if (cfg_.use_ln && !cfg_.use_weight) {
+      DFM_CHECK(!cfg_.use_graph || in.graph,
+                "model: use_graph is on but the input has no graph (pass --no-graph or a file with edge_index)");
+      const bool drop = training && cfg_.dropout > 0;
+      cpu::MixInputs m;
+      m.h_in = &h_in;
+      m.keep_in = cfg_.use_residual ? 1.0f - cfg_.alpha : 0.0f;
+      m.scale = cfg_.use_residual ? cfg_.alpha : 1.0f;
+      m.a = &a;
+      m.heads = heads;
+      m.wa = ca / heads;
+      if (cfg_.use_graph) {
+        m.adj = &in.graph->adj;
+        m.gsrc = &h_in;
+        m.cg = cg;
+      }
+      h_out.resize(n, d);
+      Mat* xhat = ls ? &ls->xhat : nullptr;
+      Vec* rstd = ls ? &ls->rstd : nullptr;
+      if (xhat) xhat->resize(n, d);
+      if (rstd) rstd->resize(n);
+      std::vector<std::uint8_t> local_keep;
+      std::vector<std::uint8_t>* keep = drop ? (ls ? &ls->keep : &local_keep) : nullptr;
+      if (keep) keep->resize(static_cast<size_t>(n * d));
+      if (ls && !drop) ls->keep.clear();
+      const float p = drop ? cfg_.dropout : 0.0f;
+      const std::uint64_t lseed = mix_seed(seed, l + 1);
+      const float *gamma = params.ptr(s.ln_g), *beta = params.ptr(s.ln_b);
+      std::uint8_t* pk = keep ? keep->data() : nullptr;
+      const std::function<void(Index, Index)> tail = [&](Index lo, Index hi) {
+        cpu::mix_layernorm_dropout_rows(m, gamma, beta, kLayerNormEps, p, lseed, pk, h_out, xhat, rstd, lo, hi);
+      };
+      cpu::simple_attn_fused_fwd(h_in, folded_projections(l), heads, a, ls ? ls->fused : local, &tail);
+      return;
+    }
     cpu::simple_attn_fused_fwd(h_in, folded_projections(l), heads, a, ls ? ls->fused : local);
   } else if (attention) {
     cpu::linear_fwd(h_in, params.mat(s.wq), params.ptr(s.bq), q);
@@ -154,8 +192,16 @@ void DIFFormer::layer_forward(int l, const ModelInput& in, const Mat& h_in, bool
       cpu::sigmoid_attn_fwd(q, k, *v, heads, a, ls ? ls->rowsum : local_rowsum);
     }
   }
-  // The graph term's head mean, [N, D] (times cg below).
+  t_attn.stop();
+  prof::Section t_tail("fwd.graph+tail");
+  // The graph term's head mean, [N, D] (times cg below). With one value head (V = h_in, or
+  // vheads == 1) and LayerNorm on, the fused tail gathers it row by row instead.
   Mat& g = scratch_g_;
+  const bool keep_in_use = cfg_.use_residual;
+  const float keep_in = keep_in_use ? 1.0f - cfg_.alpha : 0.0f, scale = keep_in_use ? cfg_.alpha : 1.0f;
+  const bool drop = training && cfg_.dropout > 0;
+  const bool fused_tail = cfg_.use_ln;
+  const Mat* g_src = nullptr;  // the fused tail's gather source
   if (cfg_.use_graph) {
     DFM_CHECK(in.graph, "model: use_graph is on but the input has no graph (pass --no-graph or a file with edge_index)");
     if (folded && cfg_.use_weight) {  // V never formed: (adj h) mean(Wv)^T + (adj 1) mean(bv)^T
@@ -169,6 +215,10 @@ void DIFFormer::layer_forward(int l, const ModelInput& in, const Mat& h_in, bool
       const Vec rowsum = graph_row_sums(in.graph->adj);
 #pragma omp parallel for schedule(static)
       for (Index i = 0; i < n; ++i) g.row(i) += rowsum[i] * bv_mean.transpose();
+    } else if (vheads == 1 && fused_tail) {
+      g_src = v;
+    } else if (vheads == 1) {
+      cpu::graph_prop(in.graph->adj, *v, g);
     } else {
       Mat& gv = scratch_k_;
       cpu::graph_prop(in.graph->adj, *v, gv);
@@ -178,11 +228,36 @@ void DIFFormer::layer_forward(int l, const ModelInput& in, const Mat& h_in, bool
       if (vheads > 1) g /= static_cast<float>(vheads);
     }
   }
-  // z = alpha * (head mean of the attention and graph terms) + (1 - alpha) * h_in, in one pass.
-  Mat& z = o;
-  z.resize(n, d);
   const float wa = ca / heads;
-  const float keep_in = cfg_.use_residual ? 1.0f - cfg_.alpha : 0.0f, scale = cfg_.use_residual ? cfg_.alpha : 1.0f;
+  if (fused_tail) {
+    // z = alpha * (head mean of the attention and graph terms) + (1 - alpha) * h_in, LayerNorm
+    // and dropout in one pass over the rows.
+    cpu::MixInputs m;
+    m.h_in = &h_in;
+    m.keep_in = keep_in;
+    m.scale = scale;
+    m.a = attention ? &a : nullptr;
+    m.heads = heads;
+    m.wa = wa;
+    if (cfg_.use_graph) {
+      m.cg = cg;
+      if (g_src) {
+        m.adj = &in.graph->adj;
+        m.gsrc = g_src;
+      } else {
+        m.g = &g;
+      }
+    }
+    std::vector<std::uint8_t> local_keep;
+    cpu::mix_layernorm_dropout_fwd(m, params.ptr(s.ln_g), params.ptr(s.ln_b), kLayerNormEps, drop ? cfg_.dropout : 0.0f,
+                                   mix_seed(seed, l + 1), drop ? (ls ? &ls->keep : &local_keep) : nullptr, h_out,
+                                   ls ? &ls->xhat : nullptr, ls ? &ls->rstd : nullptr);
+    if (ls && !drop) ls->keep.clear();
+    return;
+  }
+  // z = alpha * (head mean of the attention and graph terms) + (1 - alpha) * h_in, in one pass.
+  Mat& z = h_out;
+  z.resize(n, d);
 #pragma omp parallel for schedule(static)
   for (Index i = 0; i < n; ++i) {
     auto zi = z.row(i);
@@ -192,17 +267,11 @@ void DIFFormer::layer_forward(int l, const ModelInput& in, const Mat& h_in, bool
     if (cfg_.use_graph) zi += cg * g.row(i);
     zi = scale * zi + keep_in * h_in.row(i);
   }
-  if (cfg_.use_ln) {
-    Mat local_xhat;
-    Vec local_rstd;
-    cpu::layernorm_fwd(z, params.ptr(s.ln_g), params.ptr(s.ln_b), kLayerNormEps, h_out, ls ? ls->xhat : local_xhat,
-                       ls ? ls->rstd : local_rstd);
-  } else {
-    h_out = z;
-  }
-  if (training && cfg_.dropout > 0) {
+  if (drop) {
     std::vector<std::uint8_t> local_keep;
     cpu::dropout_fwd(h_out, cfg_.dropout, mix_seed(seed, l + 1), ls ? ls->keep : local_keep);
+  } else if (ls) {
+    ls->keep.clear();
   }
 }
 
@@ -222,27 +291,41 @@ void DIFFormer::forward(const ModelInput& in, bool training, std::uint64_t dropo
   auto h_at = [&](int l) -> Mat& { return state ? state->hidden[l] : local[l % 2]; };
 
   Mat& h0 = h_at(0);
+  prof::Section t_in("fwd.input");
   Mat x1;
   if (in.dense)
     cpu::linear_fwd(*in.dense, params.mat(fc_in_w_), params.ptr(fc_in_b_), cfg_.use_ln ? x1 : h0);
   else
     cpu::linear_sparse_fwd(*in.sparse, params.mat(fc_in_w_), params.ptr(fc_in_b_), cfg_.use_ln ? x1 : h0);
-  if (cfg_.use_ln) {
-    Mat xhat;
-    Vec rstd;
-    cpu::layernorm_fwd(x1, params.ptr(ln_in_g_), params.ptr(ln_in_b_), kLayerNormEps, h0,
-                       state ? state->in_xhat : xhat, state ? state->in_rstd : rstd);
-  }
-  cpu::relu_inplace(h0);
-  if (training && cfg_.dropout > 0) {
+  const bool drop = training && cfg_.dropout > 0;
+  if (cfg_.use_ln) {  // LayerNorm, ReLU and dropout in one row pass
+    cpu::MixInputs m;
+    m.h_in = &x1;
+    m.keep_in = 1.0f;
+    m.scale = 0.0f;
+    m.relu = true;
     std::vector<std::uint8_t> keep;
-    cpu::dropout_fwd(h0, cfg_.dropout, mix_seed(dropout_seed, 0), state ? state->in_keep : keep);
+    cpu::mix_layernorm_dropout_fwd(m, params.ptr(ln_in_g_), params.ptr(ln_in_b_), kLayerNormEps,
+                                   drop ? cfg_.dropout : 0.0f, mix_seed(dropout_seed, 0),
+                                   drop ? (state ? &state->in_keep : &keep) : nullptr, h0,
+                                   state ? &state->in_xhat : nullptr, state ? &state->in_rstd : nullptr);
+    if (state && !drop) state->in_keep.clear();
+  } else {
+    cpu::relu_inplace(h0);
+    if (drop) {
+      std::vector<std::uint8_t> keep;
+      cpu::dropout_fwd(h0, cfg_.dropout, mix_seed(dropout_seed, 0), state ? state->in_keep : keep);
+    } else if (state) {
+      state->in_keep.clear();
+    }
   }
+  t_in.stop();
   if (hidden) hidden->assign(1, h0);
   for (int l = 0; l < layers; ++l) {
     layer_forward(l, in, h_at(l), training, dropout_seed, state ? &state->layers[l] : nullptr, h_at(l + 1));
     if (hidden) hidden->push_back(h_at(l + 1));
   }
+  prof::Section t_out("fwd.output");
   cpu::linear_fwd(h_at(layers), params.mat(fc_out_w_), params.ptr(fc_out_b_), logits);
 }
 
@@ -263,39 +346,49 @@ void DIFFormer::layer_backward(int l, const ModelInput& in, const Mat& h_in, Lay
   const float ca = mix ? 1.0f - cfg_.graph_weight : 1.0f;
   const float cg = mix ? cfg_.graph_weight : 1.0f;
 
-  if (!ls.keep.empty()) cpu::dropout_bwd(dh_out, cfg_.dropout, ls.keep);
-  Mat dz;
-  if (cfg_.use_ln)
-    cpu::layernorm_bwd(ls.xhat, ls.rstd, params.ptr(s.ln_g), dh_out, dz, params.grad_ptr(s.ln_g),
-                       params.grad_ptr(s.ln_b));
-  else
-    dz = dh_out;
-  // Through the residual mix: d(head mean) = scale * dz, dh_in starts at keep_in * dz.
+  // Through dropout, LayerNorm and the residual mix: d(head mean) = scale * dz, dh_in starts at
+  // keep_in * dz.
   const float keep_in = cfg_.use_residual ? 1.0f - cfg_.alpha : 0.0f, scale = cfg_.use_residual ? cfg_.alpha : 1.0f;
-  dh_in.resize(n, d);
-  Mat& d_o = dz;
+  Mat& d_o = scratch_o_;
+  prof::Section t_tail("bwd.tail");
+  if (cfg_.use_ln) {
+    cpu::dropout_layernorm_mix_bwd(ls.keep.empty() ? nullptr : &ls.keep, cfg_.dropout, ls.xhat, ls.rstd,
+                                   params.ptr(s.ln_g), dh_out, scale, keep_in, d_o, dh_in, params.grad_ptr(s.ln_g),
+                                   params.grad_ptr(s.ln_b));
+  } else {
+    if (!ls.keep.empty()) cpu::dropout_bwd(dh_out, cfg_.dropout, ls.keep);
+    d_o.resize(n, d);
+    dh_in.resize(n, d);
 #pragma omp parallel for schedule(static)
-  for (Index i = 0; i < n; ++i) {
-    dh_in.row(i) = keep_in * dz.row(i);
-    d_o.row(i) *= scale;
+    for (Index i = 0; i < n; ++i) {
+      dh_in.row(i) = keep_in * dh_out.row(i);
+      d_o.row(i) = scale * dh_out.row(i);
+    }
   }
+  t_tail.stop();
   if (attention && fused_simple()) {
-    // Folded path: Q, K, V never formed; the attention returns its whole dh contribution.
-    Mat& da = scratch_a_;
-    da.resize(n, heads * d);
+    prof::Section t_attn("bwd.attn");
+    // Folded path: Q, K, V never formed; the attention adds its whole dh contribution.
+    const float wa = ca / heads;
+    const Mat* da = &d_o;
+    if (heads != 1 || wa != 1.0f) {
+      Mat& dab = scratch_a_;
+      dab.resize(n, heads * d);
 #pragma omp parallel for schedule(static)
-    for (Index i = 0; i < n; ++i)
-      for (int h = 0; h < heads; ++h) da.row(i).segment(h * d, d) = (ca / heads) * d_o.row(i);
+      for (Index i = 0; i < n; ++i)
+        for (int h = 0; h < heads; ++h) dab.row(i).segment(h * d, d) = wa * d_o.row(i);
+      da = &dab;
+    }
     cpu::FoldedGrads grads{params.grad_ptr(s.wq), params.grad_ptr(s.bq), params.grad_ptr(s.wk),
                            params.grad_ptr(s.bk), cfg_.use_weight ? params.grad_ptr(s.wv) : nullptr,
                            cfg_.use_weight ? params.grad_ptr(s.bv) : nullptr};
-    Mat& tmp = scratch_q_;
-    cpu::simple_attn_fused_bwd(h_in, folded_projections(l), heads, ls.a, ls.fused, da, tmp, grads);
-    dh_in += tmp;
+    cpu::simple_attn_fused_bwd(h_in, folded_projections(l), heads, ls.a, ls.fused, *da, dh_in, grads, true);
+    t_attn.stop();
+    prof::Section t_graph("bwd.graph");
     if (cfg_.use_graph) {
-      Mat& t = scratch_k_;
       if (cfg_.use_weight) {
         // g = (adj h) mean(Wv)^T + (adj 1) mean(bv)^T: dWv_h, dbv_h get 1/H of the mean's gradient
+        Mat& t = scratch_k_;
         Mat wv_mean;
         Vec bv_mean;
         mean_value_map(l, wv_mean, bv_mean);
@@ -311,11 +404,10 @@ void DIFFormer::layer_backward(int l, const ModelInput& in, const Mat& h_in, Lay
         }
         Mat dah = (cg * d_o) * wv_mean;
         cpu::graph_prop(in.graph->adj_t, dah, t);
+        dh_in += t;
       } else {
-        cpu::graph_prop(in.graph->adj_t, d_o, t);
-        t *= cg;
+        cpu::graph_prop(in.graph->adj_t, d_o, dh_in, cg, true);
       }
-      dh_in += t;
     }
     return;
   }
@@ -387,12 +479,15 @@ void DIFFormer::backward(const ModelInput& in, ForwardState& state, const Mat& d
   const int layers = cfg_.layers;
   DFM_ASSERT(static_cast<int>(state.hidden.size()) == layers + 1);
   Mat dh, dh_prev;
+  prof::Section t_out("bwd.output");
   cpu::linear_bwd(state.hidden[layers], params.mat(fc_out_w_), dlogits, &dh, params.grad_mat(fc_out_w_),
                   params.grad_ptr(fc_out_b_));
+  t_out.stop();
   for (int l = layers - 1; l >= 0; --l) {
     layer_backward(l, in, state.hidden[l], state.layers[l], dh, dh_prev);
     std::swap(dh, dh_prev);
   }
+  prof::Section t_in("bwd.input");
   if (!state.in_keep.empty()) cpu::dropout_bwd(dh, cfg_.dropout, state.in_keep);
   // ReLU backward from its (post-dropout) output: dropped entries already have zero gradient,
   // and a kept entry is positive exactly when the ReLU output was.

@@ -7,7 +7,9 @@
 // gradients (dW, db, dgamma, dbeta) are ACCUMULATED (+=), so that one flat gradient buffer can be
 // zeroed once per step. A [N, H, D] tensor is an [N, H*D] row-major matrix (head-major columns).
 #pragma once
+#include <cmath>
 #include <cstdint>
+#include <functional>
 #include <vector>
 
 #include "core/tensor.hpp"
@@ -100,6 +102,20 @@ void relu_bwd_inplace(const Mat& y, Mat& dy);  // dy *= (y > 0)
 // Dropout with a counter-based hash: the mask depends only on (seed, element index), so it is
 // reproducible whatever the number of threads. keep is filled (1 = kept); x scaled in place.
 void dropout_fwd(Mat& x, float p, std::uint64_t seed, std::vector<std::uint8_t>& keep);
+// The same on the flat elements [begin, end) of a tensor: x and keep point at element begin.
+void dropout_fwd_range(float* x, std::uint8_t* keep, Index begin, Index end, float p, std::uint64_t seed);
+// The counter hash: a uniform 24-bit draw for flat element i (splitmix64 of seed ^ i * odd
+// constant, top 24 bits; the final xor-shift of splitmix64 does not touch them). Kept when the
+// draw is >= dropout_threshold(p).
+inline std::uint32_t dropout_draw(std::uint64_t seed, std::uint64_t i) {
+  std::uint64_t z = (seed ^ (i * 0xd1342543de82ef95ULL)) + 0x9e3779b97f4a7c15ULL;
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+  return static_cast<std::uint32_t>(z >> 40);
+}
+inline std::uint32_t dropout_threshold(float p) {
+  return static_cast<std::uint32_t>(std::ceil(static_cast<double>(p) * (1u << 24)));
+}
 void dropout_bwd(Mat& dx, float p, const std::vector<std::uint8_t>& keep);
 
 void simple_attn_fwd(const Mat& q, const Mat& k, const Mat& v, int heads, QkNorm norm, Mat& a,
@@ -113,7 +129,41 @@ void sigmoid_attn_fwd(const Mat& q, const Mat& k, const Mat& v, int heads, Mat& 
 void sigmoid_attn_bwd(const Mat& q, const Mat& k, const Mat& v, int heads, const Mat& a, const Mat& rowsum,
                       const Mat& da, Mat& dq, Mat& dk, Mat& dv);
 
-void graph_prop(const Csr& adj, CMatRef v, Mat& g);  // g = adj v (row-parallel gather)
+// g = alpha * adj v (row-parallel gather), or g += alpha * adj v with accumulate (g already sized).
+void graph_prop(const Csr& adj, CMatRef v, Mat& g, float alpha = 1.0f, bool accumulate = false);
+
+// The row-wise tail of a diffusion layer in one pass over the rows:
+//   z = scale * (wa * sum_h a_h + cg * G) + keep_in * h_in,   y = LayerNorm(z) (gamma, beta),
+//   y = dropout(y) when keep is given (the mask of dropout_fwd on y's flat indices),
+// where G is g when given, else adj * gsrc gathered row by row (never stored), else absent; with
+// relu, y = max(y, 0) between LayerNorm and dropout. With scale 0 the z terms other than
+// keep_in * h_in are skipped (not multiplied by 0).
+// xhat and rstd (for backward) may be null.
+struct MixInputs {
+  const Mat* h_in = nullptr;
+  float keep_in = 0.0f, scale = 1.0f;
+  const Mat* a = nullptr;  // [N, heads*D] or null
+  int heads = 1;
+  float wa = 1.0f;
+  const Mat* g = nullptr;     // [N, D] or null
+  const Csr* adj = nullptr;   // with gsrc [N, D]: G = adj gsrc
+  const Mat* gsrc = nullptr;
+  float cg = 1.0f;
+  bool relu = false;  // y = relu(LayerNorm(z)) before dropout (the input block)
+};
+void mix_layernorm_dropout_fwd(const MixInputs& m, const float* gamma, const float* beta, float eps, float p,
+                               std::uint64_t seed, std::vector<std::uint8_t>* keep, Mat& y, Mat* xhat, Vec* rstd);
+// The same on rows [lo, hi) only, serially (to run inside a caller's parallel region): y, xhat,
+// rstd and keep (flat, n*D bytes, or null) must already be sized.
+void mix_layernorm_dropout_rows(const MixInputs& m, const float* gamma, const float* beta, float eps, float p,
+                                std::uint64_t seed, std::uint8_t* keep, Mat& y, Mat* xhat, Vec* rstd, Index lo,
+                                Index hi);
+// Its backward through dropout (when keep is given), LayerNorm and the residual mix:
+//   dz = LayerNorm_bwd(dropout_bwd(dy)),  d_o = scale * dz,  dh_in = keep_in * dz  (both overwritten),
+// dgamma, dbeta accumulated.
+void dropout_layernorm_mix_bwd(const std::vector<std::uint8_t>* keep, float p, const Mat& xhat, const Vec& rstd,
+                               const float* gamma, const Mat& dy, float scale, float keep_in, Mat& d_o, Mat& dh_in,
+                               float* dgamma, float* dbeta);
 // out = a^T b for tall a [N, p], b [N, q], split over threads by rows (Eigen's GEMM would only
 // split the small p x q output).
 void tn_product(CMatRef a, CMatRef b, Mat& out);
@@ -139,11 +189,15 @@ struct SimpleFusedState {
   Vec u;            // [D]      h^T 1
   double sq = 0, sk = 0;  // ||Q||_F, ||K||_F
 };
-void simple_attn_fused_fwd(const Mat& h, const FoldedProjections& w, int heads, Mat& a, SimpleFusedState& st);
+// after_rows, when given, is called by the computing thread on each finished block of rows
+// [lo, hi) of a (and st.den), while they are in cache (the layer tail fuses in there).
+void simple_attn_fused_fwd(const Mat& h, const FoldedProjections& w, int heads, Mat& a, SimpleFusedState& st,
+                           const std::function<void(Index, Index)>* after_rows = nullptr);
 // dh is OVERWRITTEN with the attention's whole contribution (through Q, K and V); the parameter
 // gradients are accumulated.
 void simple_attn_fused_bwd(const Mat& h, const FoldedProjections& w, int heads, const Mat& a,
-                           const SimpleFusedState& st, const Mat& da, Mat& dh, const FoldedGrads& g);
+                           const SimpleFusedState& st, const Mat& da, Mat& dh, const FoldedGrads& g,
+                           bool accumulate = false);  // accumulate: dh += (dh already sized)
 
 // Losses over the rows listed in idx (mean over them); dlogits is overwritten, zero outside idx.
 float cross_entropy(const Mat& logits, const std::vector<std::int64_t>& y, const std::vector<std::int64_t>& idx,

@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 
 #include "core/error.hpp"
 #include "ops/ops.hpp"
@@ -45,6 +46,86 @@ void tn_accumulate(const A& a, const B& b, Out&& out, bool accumulate) {
 
 }  // namespace
 
+namespace {
+// out[0..8B) (+)= alpha * sum_e adj(i, j_e) v.row(j_e)[0..8B) for one row: 8-float vector
+// accumulators kept in registers over the edges (GCC vector extensions; one FMA per edge in edge
+// order), the output read/written once.
+typedef float v8f __attribute__((vector_size(32)));
+inline v8f load8(const float* p) {
+  v8f v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+inline void store8(float* p, v8f v) { std::memcpy(p, &v, sizeof v); }
+typedef std::uint64_t v4u64 __attribute__((vector_size(32)));
+typedef std::uint32_t v4u32 __attribute__((vector_size(16)));
+typedef std::int32_t v8i32 __attribute__((vector_size(32)));
+typedef std::uint8_t v8u8 __attribute__((vector_size(8)));
+
+// dropout_draw(seed, base + k) >= threshold for k = 0..7, as a lane mask (-1 kept, 0 dropped).
+inline v8i32 keep_mask8(std::uint64_t seed, std::uint64_t base, std::uint32_t threshold) {
+  const v4u64 lo = v4u64{0, 1, 2, 3} + base, hi = v4u64{4, 5, 6, 7} + base;
+  auto draw = [seed](v4u64 i) {
+    v4u64 z = (seed ^ (i * 0xd1342543de82ef95ULL)) + 0x9e3779b97f4a7c15ULL;
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+    return __builtin_convertvector(z >> 40, v4u32);
+  };
+  const v4u32 a = draw(lo), b = draw(hi);
+  const v8i32 r = reinterpret_cast<v8i32>(__builtin_shufflevector(a, b, 0, 1, 2, 3, 4, 5, 6, 7));
+  return r >= static_cast<std::int32_t>(threshold);  // draws are < 2^24: the signed compare is exact
+}
+inline void store_keep8(std::uint8_t* k, v8i32 mask) {
+  const v8u8 b = __builtin_convertvector(mask & 1, v8u8);
+  std::memcpy(k, &b, sizeof b);
+}
+inline v8i32 load_keep8(const std::uint8_t* k) {
+  v8u8 b;
+  std::memcpy(&b, k, sizeof b);
+  return __builtin_convertvector(b, v8i32) != 0;
+}
+inline float hsum8(v8f v) {
+  return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]));
+}
+
+template <int B>
+inline void gather_block(const Csr& adj, Index i, const float* v, Index ldv, float* out, float alpha,
+                         bool accumulate) {
+  v8f acc[B];
+  for (int b = 0; b < B; ++b) acc[b] = v8f{};
+  for (Index e = adj.indptr[i]; e < adj.indptr[i + 1]; ++e) {
+    const v8f w = v8f{} + adj.values[e];
+    const float* src = v + static_cast<Index>(adj.indices[e]) * ldv;
+    for (int b = 0; b < B; ++b) acc[b] += w * load8(src + 8 * b);
+  }
+  const v8f a = v8f{} + alpha;
+  if (accumulate)
+    for (int b = 0; b < B; ++b) store8(out + 8 * b, load8(out + 8 * b) + a * acc[b]);
+  else if (alpha != 1.0f)
+    for (int b = 0; b < B; ++b) store8(out + 8 * b, a * acc[b]);
+  else
+    for (int b = 0; b < B; ++b) store8(out + 8 * b, acc[b]);
+}
+
+inline void gather_tail(const Csr& adj, Index i, const float* v, Index ldv, Index cols, float* out, float alpha,
+                        bool accumulate) {
+  for (Index c = 0; c < cols; ++c) {
+    float acc = 0.0f;
+    for (Index e = adj.indptr[i]; e < adj.indptr[i + 1]; ++e)
+      acc = std::fma(adj.values[e], v[static_cast<Index>(adj.indices[e]) * ldv + c], acc);
+    out[c] = accumulate ? std::fma(alpha, acc, out[c]) : (alpha != 1.0f ? alpha * acc : acc);
+  }
+}
+
+void gather_row(const Csr& adj, Index i, const float* v, Index ldv, Index cols, float* out, float alpha,
+                bool accumulate) {
+  Index c = 0;
+  for (; c + 64 <= cols; c += 64) gather_block<8>(adj, i, v + c, ldv, out + c, alpha, accumulate);
+  for (; c + 8 <= cols; c += 8) gather_block<1>(adj, i, v + c, ldv, out + c, alpha, accumulate);
+  if (c < cols) gather_tail(adj, i, v + c, ldv, cols - c, out + c, alpha, accumulate);
+}
+}  // namespace
+
 void linear_fwd(CMatRef x, CMatRef w, const float* b, Mat& y) {
   y.resize(x.rows(), w.rows());
   y.noalias() = x * w.transpose();
@@ -70,32 +151,25 @@ void linear_bwd(CMatRef x, CMatRef w, CMatRef dy, Mat* dx, MatRef dw, float* db)
 void linear_sparse_fwd(const Csr& x, CMatRef w, const float* b, Mat& y) {
   DFM_ASSERT(x.cols == w.cols());
   const Mat wt = w.transpose();  // [F, out]: one contiguous row per input feature
-  y.resize(x.rows, w.rows());
+  const Index out = w.rows();
+  y.resize(x.rows, out);
 #pragma omp parallel for schedule(dynamic, 256)
   for (Index i = 0; i < x.rows; ++i) {
-    auto row = y.row(i);
+    float* row = y.data() + i * out;
+    gather_row(x, i, wt.data(), out, out, row, 1.0f, false);
     if (b)
-      row = ConstVecMap(b, w.rows()).transpose();
-    else
-      row.setZero();
-    for (Index e = x.indptr[i]; e < x.indptr[i + 1]; ++e) row += x.values[e] * wt.row(x.indices[e]);
+      for (Index c = 0; c < out; ++c) row[c] += b[c];
   }
 }
 
 void linear_sparse_bwd(const Csr& x_t, CMatRef dy, MatRef dw, float* db) {
   DFM_ASSERT(x_t.cols == dy.rows());
   const Index out = dy.cols();
-#pragma omp parallel
-  {
-    Vec acc(out);
-#pragma omp for schedule(dynamic, 64)
-    for (Index f = 0; f < x_t.rows; ++f) {
-      if (x_t.indptr[f] == x_t.indptr[f + 1]) continue;  // feature never present: no work
-      acc.setZero();
-      for (Index e = x_t.indptr[f]; e < x_t.indptr[f + 1]; ++e) acc += x_t.values[e] * dy.row(x_t.indices[e]).transpose();
-      dw.col(f) += acc;
-    }
-  }
+  Mat dwt(x_t.rows, out);  // dW^T, one row per feature: a gather over the nodes holding it
+  const Mat dyc = dy;      // contiguous rows
+#pragma omp parallel for schedule(dynamic, 64)
+  for (Index f = 0; f < x_t.rows; ++f) gather_row(x_t, f, dyc.data(), out, out, dwt.data() + f * out, 1.0f, false);
+  dw += dwt.transpose();
   if (db) VecMap(db, out) += dy.colwise().sum().transpose();
 }
 
@@ -159,37 +233,37 @@ void relu_bwd_inplace(const Mat& y, Mat& dy) {
   for (Index i = 0; i < n; ++i) pd[i] = py[i] > 0.0f ? pd[i] : 0.0f;
 }
 
-namespace {
-inline std::uint64_t splitmix64(std::uint64_t z) {
-  z += 0x9e3779b97f4a7c15ULL;
-  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
-  z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
-  return z ^ (z >> 31);
-}
-}  // namespace
 
 void dropout_fwd(Mat& x, float p, std::uint64_t seed, std::vector<std::uint8_t>& keep) {
   const Index n = x.size();
   keep.resize(static_cast<size_t>(n));
+  dropout_fwd_range(x.data(), keep.data(), 0, n, p, seed);
+}
+
+void dropout_fwd_range(float* x, std::uint8_t* keep, Index begin, Index end, float p, std::uint64_t seed) {
   const float scale = p < 1.0f ? 1.0f / (1.0f - p) : 0.0f;
-  // keep when a uniform 24-bit draw is >= p
-  const std::uint32_t threshold = static_cast<std::uint32_t>(std::ceil(static_cast<double>(p) * (1u << 24)));
-  float* px = x.data();
-#pragma omp parallel for schedule(static)
-  for (Index i = 0; i < n; ++i) {
-    const std::uint32_t r = static_cast<std::uint32_t>(splitmix64(seed ^ (static_cast<std::uint64_t>(i) * 0xd1342543de82ef95ULL)) >> 40);
-    const bool k = r >= threshold;
-    keep[i] = k;
-    px[i] = k ? px[i] * scale : 0.0f;
+  const std::uint32_t threshold = dropout_threshold(p);
+  const Index n = end - begin;
+#pragma omp parallel for schedule(static) if (n > 65536)
+  for (Index b0 = 0; b0 < n; b0 += 1024) {
+    const Index m = std::min<Index>(1024, n - b0);
+    std::uint8_t* kp = keep + b0;
+    float* xp = x + b0;
+    const std::uint64_t base = static_cast<std::uint64_t>(begin + b0);
+#pragma omp simd
+    for (Index i = 0; i < m; ++i) kp[i] = dropout_draw(seed, base + static_cast<std::uint64_t>(i)) >= threshold;
+#pragma omp simd
+    for (Index i = 0; i < m; ++i) xp[i] = kp[i] ? xp[i] * scale : 0.0f;
   }
 }
 
 void dropout_bwd(Mat& dx, float p, const std::vector<std::uint8_t>& keep) {
   const float scale = p < 1.0f ? 1.0f / (1.0f - p) : 0.0f;
   float* pd = dx.data();
+  const std::uint8_t* kp = keep.data();
   const Index n = dx.size();
-#pragma omp parallel for schedule(static)
-  for (Index i = 0; i < n; ++i) pd[i] = keep[i] ? pd[i] * scale : 0.0f;
+#pragma omp parallel for simd schedule(static) if (n > 65536)
+  for (Index i = 0; i < n; ++i) pd[i] = kp[i] ? pd[i] * scale : 0.0f;
 }
 
 // ---- DIFFormer-s -------------------------------------------------------------------------
@@ -428,13 +502,240 @@ void tn_product(CMatRef a, CMatRef b, Mat& out) {
   tn_accumulate(a, b, out, false);
 }
 
-void graph_prop(const Csr& adj, CMatRef v, Mat& g) {
-  g.resize(adj.rows, v.cols());
-#pragma omp parallel for schedule(dynamic, 256)
-  for (Index i = 0; i < adj.rows; ++i) {
-    auto row = g.row(i);
-    row.setZero();
-    for (Index e = adj.indptr[i]; e < adj.indptr[i + 1]; ++e) row += adj.values[e] * v.row(adj.indices[e]);
+void graph_prop(const Csr& adj, CMatRef v, Mat& g, float alpha, bool accumulate) {
+  const Index cols = v.cols(), ldv = v.outerStride();
+  if (accumulate)
+    DFM_ASSERT(g.rows() == adj.rows && g.cols() == cols);
+  else
+    g.resize(adj.rows, cols);
+  const float* pv = v.data();
+  float* pg = g.data();
+#pragma omp parallel for schedule(dynamic, 256) if (adj.rows * cols > 16384)
+  for (Index i = 0; i < adj.rows; ++i) gather_row(adj, i, pv, ldv, cols, pg + i * cols, alpha, accumulate);
+}
+
+// ---- fused row passes of a diffusion layer ---------------------------------------------------
+void mix_layernorm_dropout_rows(const MixInputs& m, const float* gamma, const float* beta, float eps, float p,
+                                std::uint64_t seed, std::uint8_t* keep, Mat& y, Mat* xhat, Vec* rstd, Index lo,
+                                Index hi) {
+  const Mat& h_in = *m.h_in;
+  const Index d = h_in.cols();
+  const float dscale = p < 1.0f ? 1.0f / (1.0f - p) : 0.0f;
+  const std::uint32_t threshold = dropout_threshold(p);
+  const float fd = static_cast<float>(d);
+  const float wa = m.wa, cg = m.cg, scale = m.scale, keep_in = m.keep_in;
+  const bool relu = m.relu, terms = scale != 0.0f;
+  const int heads = m.heads;
+  const float* pa = m.a && terms ? m.a->data() : nullptr;
+  const Index lda = m.a ? m.a->cols() : 0;
+  const float* pg = m.g && terms ? m.g->data() : nullptr;
+  const Csr* adj = m.g || !terms ? nullptr : m.adj;
+  const float* psrc = adj ? m.gsrc->data() : nullptr;
+  const Index ldsrc = adj ? m.gsrc->outerStride() : 0;
+  const float* ph = h_in.data();
+  float* py = y.data();
+  float* px = xhat ? xhat->data() : nullptr;
+  float* pr = rstd ? rstd->data() : nullptr;
+  std::uint8_t* pk = keep;
+  {
+    std::vector<float> buf(static_cast<size_t>(2 * d));
+    float* __restrict gi = buf.data();
+    float* __restrict z = buf.data() + d;
+    if (d == 64) {  // the row in eight 8-float registers, one pass
+      constexpr int B = 8;
+      for (Index i = lo; i < hi; ++i) {
+        v8f zr[B];
+        for (int b = 0; b < B; ++b) zr[b] = v8f{};
+        if (pa)
+          for (int hh = 0; hh < heads; ++hh) {
+            const float* ai = pa + i * lda + hh * d;
+            for (int b = 0; b < B; ++b) zr[b] += wa * load8(ai + 8 * b);
+          }
+        if (pg || adj) {
+          const float* g = pg ? pg + i * d : gi;
+          if (!pg) gather_block<8>(*adj, i, psrc, ldsrc, gi, 1.0f, false);
+          for (int b = 0; b < B; ++b) zr[b] += cg * load8(g + 8 * b);
+        }
+        const float* hi = ph + i * d;
+        v8f sum = v8f{};
+        for (int b = 0; b < B; ++b) {
+          zr[b] = scale * zr[b] + keep_in * load8(hi + 8 * b);
+          sum += zr[b];
+        }
+        const float mean = hsum8(sum) / fd;
+        v8f var = v8f{};
+        for (int b = 0; b < B; ++b) {
+          zr[b] -= mean;
+          var += zr[b] * zr[b];
+        }
+        const float r = 1.0f / std::sqrt(hsum8(var) / fd + eps);
+        if (pr) pr[i] = r;
+        float* yi = py + i * d;
+        for (int b = 0; b < B; ++b) {
+          zr[b] *= r;
+          if (px) store8(px + i * d + 8 * b, zr[b]);
+          v8f yv = zr[b] * load8(gamma + 8 * b) + load8(beta + 8 * b);
+          if (relu) yv = yv > 0.0f ? yv : v8f{};
+          if (pk) {
+            const v8i32 km = keep_mask8(seed, static_cast<std::uint64_t>(i * d + 8 * b), threshold);
+            store_keep8(pk + i * d + 8 * b, km);
+            yv = km ? yv * dscale : v8f{};
+          }
+          store8(yi + 8 * b, yv);
+        }
+      }
+    } else {
+    for (Index i = lo; i < hi; ++i) {
+      const float* __restrict hi = ph + i * d;
+      for (Index c = 0; c < d; ++c) z[c] = 0.0f;
+      if (pa)
+        for (int hh = 0; hh < heads; ++hh) {
+          const float* __restrict ai = pa + i * lda + hh * d;
+          for (Index c = 0; c < d; ++c) z[c] += wa * ai[c];
+        }
+      if (pg) {
+        const float* __restrict g = pg + i * d;
+        for (Index c = 0; c < d; ++c) z[c] += cg * g[c];
+      } else if (adj) {
+        gather_row(*adj, i, psrc, ldsrc, d, gi, 1.0f, false);
+        for (Index c = 0; c < d; ++c) z[c] += cg * gi[c];
+      }
+      float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+      for (Index c = 0; c < d; ++c) {
+        z[c] = scale * z[c] + keep_in * hi[c];
+        sum += z[c];
+      }
+      const float mean = sum / fd;
+      float var = 0.0f;
+#pragma omp simd reduction(+ : var)
+      for (Index c = 0; c < d; ++c) {
+        z[c] -= mean;
+        var += z[c] * z[c];
+      }
+      const float r = 1.0f / std::sqrt(var / fd + eps);
+      if (pr) pr[i] = r;
+      float* __restrict yi = py + i * d;
+      for (Index c = 0; c < d; ++c) z[c] *= r;  // xhat
+      if (px) std::memcpy(px + i * d, z, sizeof(float) * static_cast<size_t>(d));
+      for (Index c = 0; c < d; ++c) yi[c] = z[c] * gamma[c] + beta[c];
+      if (relu)
+        for (Index c = 0; c < d; ++c) yi[c] = yi[c] > 0.0f ? yi[c] : 0.0f;
+      if (pk) {
+        std::uint8_t* __restrict ki = pk + i * d;
+        const std::uint64_t base = static_cast<std::uint64_t>(i * d);
+        for (Index c = 0; c < d; ++c) ki[c] = dropout_draw(seed, base + static_cast<std::uint64_t>(c)) >= threshold;
+        for (Index c = 0; c < d; ++c) yi[c] = ki[c] ? yi[c] * dscale : 0.0f;
+      }
+    }
+    }
+  }
+}
+
+void mix_layernorm_dropout_fwd(const MixInputs& m, const float* gamma, const float* beta, float eps, float p,
+                               std::uint64_t seed, std::vector<std::uint8_t>* keep, Mat& y, Mat* xhat, Vec* rstd) {
+  const Index n = m.h_in->rows(), d = m.h_in->cols();
+  y.resize(n, d);
+  if (xhat) xhat->resize(n, d);
+  if (rstd) rstd->resize(n);
+  if (keep) keep->resize(static_cast<size_t>(n * d));
+  std::uint8_t* pk = keep ? keep->data() : nullptr;
+#pragma omp parallel if (n * d > 16384)
+  {
+    const Index t = omp_get_thread_num(), nt = omp_get_num_threads();
+    mix_layernorm_dropout_rows(m, gamma, beta, eps, p, seed, pk, y, xhat, rstd, n * t / nt, n * (t + 1) / nt);
+  }
+}
+
+void dropout_layernorm_mix_bwd(const std::vector<std::uint8_t>* keep, float p, const Mat& xhat, const Vec& rstd,
+                               const float* gamma, const Mat& dy, float scale, float keep_in, Mat& d_o, Mat& dh_in,
+                               float* dgamma, float* dbeta) {
+  const Index n = xhat.rows(), d = xhat.cols();
+  d_o.resize(n, d);
+  dh_in.resize(n, d);
+  const float dscale = p < 1.0f ? 1.0f / (1.0f - p) : 0.0f;
+  const float fd = static_cast<float>(d);
+  const int threads = n * d > 16384 ? omp_get_max_threads() : 1;
+  std::vector<Vec> dg(threads, Vec::Zero(d)), dbt(threads, Vec::Zero(d));
+#pragma omp parallel num_threads(threads)
+  {
+    const int t = omp_get_thread_num();
+    std::vector<float> buf(static_cast<size_t>(2 * d));
+    float* g = buf.data();       // dy after dropout
+    float* gy = buf.data() + d;  // g * gamma
+    float* pdg = dg[t].data();
+    float* pdb = dbt[t].data();
+    if (d == 64) {  // the row in registers
+      constexpr int B = 8;
+      v8f dga[B], dba[B];
+      for (int b = 0; b < B; ++b) dga[b] = dba[b] = v8f{};
+#pragma omp for schedule(static)
+      for (Index i = 0; i < n; ++i) {
+        const float* dyi = dy.data() + i * d;
+        const float* xi = xhat.data() + i * d;
+        v8f gv[B], gyv[B], xv[B];
+        v8f sg = v8f{}, sgx = v8f{};
+        for (int b = 0; b < B; ++b) {
+          gv[b] = load8(dyi + 8 * b);
+          if (keep) gv[b] = load_keep8(keep->data() + i * d + 8 * b) ? gv[b] * dscale : v8f{};
+          xv[b] = load8(xi + 8 * b);
+          gyv[b] = gv[b] * load8(gamma + 8 * b);
+          sg += gyv[b];
+          sgx += gyv[b] * xv[b];
+          dga[b] += gv[b] * xv[b];
+          dba[b] += gv[b];
+        }
+        const float mean_g = hsum8(sg) / fd, mean_gx = hsum8(sgx) / fd, r = rstd[i];
+        float* oi = d_o.data() + i * d;
+        float* hi = dh_in.data() + i * d;
+        for (int b = 0; b < B; ++b) {
+          const v8f dz = r * (gyv[b] - mean_g - xv[b] * mean_gx);
+          store8(oi + 8 * b, scale * dz);
+          store8(hi + 8 * b, keep_in * dz);
+        }
+      }
+      for (int b = 0; b < B; ++b) {
+        store8(pdg + 8 * b, load8(pdg + 8 * b) + dga[b]);
+        store8(pdb + 8 * b, load8(pdb + 8 * b) + dba[b]);
+      }
+    } else {
+#pragma omp for schedule(static)
+    for (Index i = 0; i < n; ++i) {
+      const float* dyi = dy.data() + i * d;
+      const float* xi = xhat.data() + i * d;
+      if (keep) {
+        const std::uint8_t* ki = keep->data() + i * d;
+#pragma omp simd
+        for (Index c = 0; c < d; ++c) g[c] = ki[c] ? dyi[c] * dscale : 0.0f;
+      } else {
+#pragma omp simd
+        for (Index c = 0; c < d; ++c) g[c] = dyi[c];
+      }
+      float sg = 0.0f, sgx = 0.0f;
+#pragma omp simd reduction(+ : sg, sgx)
+      for (Index c = 0; c < d; ++c) {
+        gy[c] = g[c] * gamma[c];
+        sg += gy[c];
+        sgx += gy[c] * xi[c];
+        pdg[c] += g[c] * xi[c];
+        pdb[c] += g[c];
+      }
+      const float mean_g = sg / fd, mean_gx = sgx / fd, r = rstd[i];
+      float* oi = d_o.data() + i * d;
+      float* hi = dh_in.data() + i * d;
+#pragma omp simd
+      for (Index c = 0; c < d; ++c) {
+        const float dz = r * (gy[c] - mean_g - xi[c] * mean_gx);
+        oi[c] = scale * dz;
+        hi[c] = keep_in * dz;
+      }
+    }
+    }
+  }
+  VecMap dgm(dgamma, d), dbm(dbeta, d);
+  for (int t = 0; t < threads; ++t) {
+    dgm += dg[t];
+    dbm += dbt[t];
   }
 }
 

@@ -9,6 +9,7 @@
 #include <cmath>
 
 #include "core/error.hpp"
+#include "core/profile.hpp"
 #include "ops/ops.hpp"
 
 namespace dfm::cpu {
@@ -29,12 +30,23 @@ Mat gram_tn(const Mat& a, const Mat& b) {
   return part[0];
 }
 
+// Eigen's own threads on the D x D products cost more than they save (fork/join per 64^3
+// product); the N-row work below is split by hand inside our parallel regions, where Eigen is
+// serial anyway.
+struct EigenSerial {
+  int saved = Eigen::nbThreads();
+  EigenSerial() { Eigen::setNbThreads(1); }
+  ~EigenSerial() { Eigen::setNbThreads(saved); }
+};
+
 // ||h W^T + 1 b^T||_F from G and u, in double.
 double projected_norm(const Mat& gram, const Vec& u, const ConstMatMap& w, const ConstVecMap& b, Index n) {
-  const Eigen::MatrixXd wd = w.cast<double>();
+  // tr(W G W^T): the D x D product in float (Eigen's GEMM), the sum in double
+  const Mat wg = w * gram;
+  double quad = 0;
+  for (Index i = 0; i < w.rows(); ++i) quad += static_cast<double>(wg.row(i).dot(w.row(i)));
   const Eigen::VectorXd bd = b.cast<double>();
-  const double quad = ((wd * gram.cast<double>()).cwiseProduct(wd)).sum();
-  const double cross = 2.0 * bd.dot(wd * u.cast<double>());
+  const double cross = 2.0 * bd.dot(w.cast<double>() * u.cast<double>());
   const double s2 = quad + cross + static_cast<double>(n) * bd.squaredNorm();
   return std::sqrt(std::max(s2, 0.0));
 }
@@ -57,10 +69,15 @@ struct Views {
 
 }  // namespace
 
-void simple_attn_fused_fwd(const Mat& h, const FoldedProjections& w, int heads, Mat& a, SimpleFusedState& st) {
+void simple_attn_fused_fwd(const Mat& h, const FoldedProjections& w, int heads, Mat& a, SimpleFusedState& st,
+                           const std::function<void(Index, Index)>* after_rows) {
   const Index n = h.rows(), d = h.cols(), hd = heads * d;
   const Views v(w, hd, d);
+  const EigenSerial serial;
+  prof::Section p_gram("fused_fwd.gram");
   st.gram = gram_tn(h, h);
+  p_gram.stop();
+  prof::Section p_small("fused_fwd.dxd");
   st.u = h.colwise().sum().transpose();
   st.sq = projected_norm(st.gram, st.u, v.wq, v.bq, n);
   st.sk = projected_norm(st.gram, st.u, v.wk, v.bk, n);
@@ -93,6 +110,8 @@ void simple_attn_fused_fwd(const Mat& h, const FoldedProjections& w, int heads, 
     b.col(hd + hh).noalias() = wq_h.transpose() * ks * isq;
     c[hd + hh] = bq_h.dot(ks) * isq + fn;
   }
+  p_small.stop();
+  prof::Section p_main("fused_fwd.rows");
   a.resize(n, hd);
   st.den.resize(n, heads);
   const int threads = omp_get_max_threads();
@@ -112,30 +131,55 @@ void simple_attn_fused_fwd(const Mat& h, const FoldedProjections& w, int heads, 
           a.row(r0 + i).segment(hh * d, d) = (y.row(i).segment(hh * d, d) + c.segment(hh * d, d)) / den;
         }
       }
+      if (after_rows) (*after_rows)(r0, r0 + m);
     }
   }
 }
 
 void simple_attn_fused_bwd(const Mat& h, const FoldedProjections& w, int heads, const Mat& a,
-                           const SimpleFusedState& st, const Mat& da, Mat& dh, const FoldedGrads& g) {
+                           const SimpleFusedState& st, const Mat& da, Mat& dh, const FoldedGrads& g,
+                           bool accumulate) {
   const Index n = h.rows(), d = h.cols(), hd = heads * d;
   const Views v(w, hd, d);
+  const EigenSerial serial;
   const float fn = static_cast<float>(n);
   const float isq = static_cast<float>(1.0 / st.sq), isk = static_cast<float>(1.0 / st.sk);
   // X = [dnum_1 .. dnum_H | dden_1 .. dden_H]
+  prof::Section p_x("fused_bwd.x+s");
   Mat x(n, hd + heads);
-#pragma omp parallel for schedule(static)
-  for (Index i = 0; i < n; ++i)
-    for (int hh = 0; hh < heads; ++hh) {
-      const float den = st.den(i, hh);
-      const auto da_i = da.row(i).segment(hh * d, d);
-      x.row(i).segment(hh * d, d) = da_i / den;
-      x(i, hd + hh) = -da_i.dot(a.row(i).segment(hh * d, d)) / den;
+  // One pass per thread over its rows: build X, then its share of S = h^T X and of t = X^T 1
+  // (partials summed in thread order: deterministic for a given thread count).
+  const int nth = omp_get_max_threads();
+  std::vector<Mat> s_part(nth);
+  std::vector<Eigen::RowVectorXf> t_part(nth);
+#pragma omp parallel num_threads(nth)
+  {
+    const int th = omp_get_thread_num();
+    const Index lo = n * th / nth, hi = n * (th + 1) / nth;
+    for (Index i = lo; i < hi; ++i)
+      for (int hh = 0; hh < heads; ++hh) {
+        const float den = st.den(i, hh);
+        const auto da_i = da.row(i).segment(hh * d, d);
+        x.row(i).segment(hh * d, d) = da_i / den;
+        x(i, hd + hh) = -da_i.dot(a.row(i).segment(hh * d, d)) / den;
+      }
+    s_part[th].setZero(d, hd + heads);
+    t_part[th].setZero(hd + heads);
+    if (hi > lo) {
+      s_part[th].noalias() += h.middleRows(lo, hi - lo).transpose() * x.middleRows(lo, hi - lo);
+      for (Index i = lo; i < hi; ++i) t_part[th] += x.row(i);
     }
-  const Mat s = gram_tn(h, x);                     // [D, HD+H]: R_h and r_h
-  const Eigen::RowVectorXf t = x.colwise().sum();  // t_h and tau_h
+  }
+  for (int th = 1; th < nth; ++th) {
+    s_part[0] += s_part[th];
+    t_part[0] += t_part[th];
+  }
+  const Mat& s = s_part[0];                 // [D, HD+H]: R_h and r_h
+  const Eigen::RowVectorXf& t = t_part[0];  // t_h and tau_h
   // Per head: dKV_h, dks_h; through the value map E_h = dKV_h Wv_h and f_h = dks_h + dKV_h bv_h
   // (E_h = dKV_h, f_h = dks_h without one); hk_h = h^T Kn_h.
+  p_x.stop();
+  prof::Section p_small("fused_bwd.dxd");
   std::vector<Mat> dkv(heads), e(heads), hk(heads);
   std::vector<Vec> dks(heads), f(heads);
   double gamma_q = 0, gamma_k = 0;
@@ -163,41 +207,65 @@ void simple_attn_fused_bwd(const Mat& h, const FoldedProjections& w, int heads, 
   Vec zb = Vec::Zero(d);
   MatMap dwq(g.wq, hd, d), dwk(g.wk, hd, d);
   VecMap dbq(g.bq, hd), dbk(g.bk, hd);
-  for (int hh = 0; hh < heads; ++hh) {
-    const auto wq_h = v.wq.middleRows(hh * d, d), wk_h = v.wk.middleRows(hh * d, d);
-    const auto bq_h = v.bq.segment(hh * d, d), bk_h = v.bk.segment(hh * d, d);
-    const auto kv_h = st.kv.middleRows(hh * d, d);
-    const Vec ks_h = st.ks.row(hh).transpose();
-    const auto r_h = s.middleCols(hh * d, d);
-    const Vec rr = s.col(hd + hh);
-    const Vec t_h = t.segment(hh * d, d).transpose();
-    const float tau = t[hd + hh];
-    dwq.middleRows(hh * d, d).noalias() +=
-        (kv_h * r_h.transpose() + ks_h * rr.transpose() - (gq * isq) * (wq_h * st.gram + bq_h * st.u.transpose())) *
-        isq;
-    dbq.segment(hh * d, d) += (kv_h * t_h + ks_h * tau - (gq * isq) * (wq_h * st.u + fn * bq_h)) * isq;
-    dwk.middleRows(hh * d, d).noalias() +=
-        (e[hh] * st.gram + f[hh] * st.u.transpose() - (gk * isk) * (wk_h * st.gram + bk_h * st.u.transpose())) * isk;
-    dbk.segment(hh * d, d) += (e[hh] * st.u + fn * f[hh] - (gk * isk) * (wk_h * st.u + fn * bk_h)) * isk;
-    p.middleRows(hh * d, d).noalias() = kv_h.transpose() * wq_h * isq;
-    p.row(hd + hh) = (wq_h.transpose() * ks_h * isq).transpose();
-    // through Q (norm term), through K, and through V: dV_h = Kn_h dKV_h + 1 t_h^T
-    z.noalias() += (-gq * isq * isq) * (wq_h.transpose() * wq_h) + (e[hh].transpose() * wk_h) * isk -
-                   (gk * isk * isk) * (wk_h.transpose() * wk_h) + (wk_h.transpose() * e[hh]) * isk;
-    zb += (-gq * isq * isq) * (wq_h.transpose() * bq_h) + (wk_h.transpose() * f[hh]) * isk -
-          (gk * isk * isk) * (wk_h.transpose() * bk_h) + (e[hh].transpose() * bk_h) * isk;
-    if (v.has_v) {
-      const auto wv_h = v.wv.middleRows(hh * d, d);
-      zb += wv_h.transpose() * t_h;
-      MatMap dwv(g.wv, hd, d);
-      VecMap dbv(g.bv, hd);
-      dwv.middleRows(hh * d, d).noalias() += dkv[hh].transpose() * hk[hh].transpose() + t_h * st.u.transpose();
-      dbv.segment(hh * d, d) += dkv[hh].transpose() * ks_h + fn * t_h;
-    } else {
-      zb += t_h;
+  // Two independent groups of D x D products (parameter gradients and P | Z and the value map),
+  // one per thread when there are two: each group runs serially, so results do not depend on it.
+  auto grads_and_p = [&] {
+    for (int hh = 0; hh < heads; ++hh) {
+      const auto wq_h = v.wq.middleRows(hh * d, d), wk_h = v.wk.middleRows(hh * d, d);
+      const auto bq_h = v.bq.segment(hh * d, d), bk_h = v.bk.segment(hh * d, d);
+      const auto kv_h = st.kv.middleRows(hh * d, d);
+      const Vec ks_h = st.ks.row(hh).transpose();
+      const auto r_h = s.middleCols(hh * d, d);
+      const Vec rr = s.col(hd + hh);
+      const Vec t_h = t.segment(hh * d, d).transpose();
+      const float tau = t[hd + hh];
+      dwq.middleRows(hh * d, d).noalias() +=
+          (kv_h * r_h.transpose() + ks_h * rr.transpose() - (gq * isq) * (wq_h * st.gram + bq_h * st.u.transpose())) *
+          isq;
+      dbq.segment(hh * d, d) += (kv_h * t_h + ks_h * tau - (gq * isq) * (wq_h * st.u + fn * bq_h)) * isq;
+      dwk.middleRows(hh * d, d).noalias() +=
+          (e[hh] * st.gram + f[hh] * st.u.transpose() - (gk * isk) * (wk_h * st.gram + bk_h * st.u.transpose())) * isk;
+      dbk.segment(hh * d, d) += (e[hh] * st.u + fn * f[hh] - (gk * isk) * (wk_h * st.u + fn * bk_h)) * isk;
+      p.middleRows(hh * d, d).noalias() = kv_h.transpose() * wq_h * isq;
+      p.row(hd + hh) = (wq_h.transpose() * ks_h * isq).transpose();
     }
+  };
+  auto z_and_value = [&] {
+    for (int hh = 0; hh < heads; ++hh) {
+      const auto wq_h = v.wq.middleRows(hh * d, d), wk_h = v.wk.middleRows(hh * d, d);
+      const auto bq_h = v.bq.segment(hh * d, d), bk_h = v.bk.segment(hh * d, d);
+      const Vec ks_h = st.ks.row(hh).transpose();
+      const Vec t_h = t.segment(hh * d, d).transpose();
+      // through Q (norm term), through K, and through V: dV_h = Kn_h dKV_h + 1 t_h^T
+      z.noalias() += (-gq * isq * isq) * (wq_h.transpose() * wq_h) + (e[hh].transpose() * wk_h) * isk -
+                     (gk * isk * isk) * (wk_h.transpose() * wk_h) + (wk_h.transpose() * e[hh]) * isk;
+      zb += (-gq * isq * isq) * (wq_h.transpose() * bq_h) + (wk_h.transpose() * f[hh]) * isk -
+            (gk * isk * isk) * (wk_h.transpose() * bk_h) + (e[hh].transpose() * bk_h) * isk;
+      if (v.has_v) {
+        const auto wv_h = v.wv.middleRows(hh * d, d);
+        zb += wv_h.transpose() * t_h;
+        MatMap dwv(g.wv, hd, d);
+        VecMap dbv(g.bv, hd);
+        dwv.middleRows(hh * d, d).noalias() += dkv[hh].transpose() * hk[hh].transpose() + t_h * st.u.transpose();
+        dbv.segment(hh * d, d) += dkv[hh].transpose() * ks_h + fn * t_h;
+      } else {
+        zb += t_h;
+      }
+    }
+  };
+#pragma omp parallel sections num_threads(2) if (omp_get_max_threads() > 1)
+  {
+#pragma omp section
+    grads_and_p();
+#pragma omp section
+    z_and_value();
   }
-  dh.resize(n, d);
+  p_small.stop();
+  prof::Section p_rows("fused_bwd.rows");
+  if (accumulate)
+    DFM_ASSERT(dh.rows() == n && dh.cols() == d);
+  else
+    dh.resize(n, d);
   const int threads = omp_get_max_threads();
 #pragma omp parallel num_threads(threads)
   {
@@ -205,7 +273,10 @@ void simple_attn_fused_bwd(const Mat& h, const FoldedProjections& w, int heads, 
     const Index lo = n * th / threads, hi = n * (th + 1) / threads;
     if (hi > lo) {
       auto out = dh.middleRows(lo, hi - lo);
-      out.noalias() = x.middleRows(lo, hi - lo) * p;
+      if (accumulate)
+        out.noalias() += x.middleRows(lo, hi - lo) * p;
+      else
+        out.noalias() = x.middleRows(lo, hi - lo) * p;
       out.noalias() += h.middleRows(lo, hi - lo) * z;
       out.rowwise() += zb.transpose();
     }

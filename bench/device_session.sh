@@ -10,7 +10,9 @@
 #      cores) and then the kNN graph timing (N=50,000 x 128, k=5, 2 threads).
 #
 #   bench/device_session.sh --prebuilt DIR [--skip-tests] [--skip-reproduce] [--skip-cpu]
-#                           [--jobs 4] [--only ROWS]
+#                           [--jobs 4] [--gpu-rows ROWS] [--cpu-rows ROWS]
+# --gpu-rows: reproduce rows trained with --device cuda (default: every node/instance row the GPU
+# supports); --cpu-rows: rows run on the CPU beside them (default: the temporal rows).
 # DIR holds difformer and difformer_tests built with -DDIFFORMER_CUDA=ON
 # -DCMAKE_CUDA_ARCHITECTURES=90 (and lib/ with shared libraries the host lacks; .devdeps/lib is
 # used too when present). Results go to $OUT (default ./out/device_session).
@@ -18,7 +20,9 @@ set -uo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
 OUT=${OUT:-$ROOT/out/device_session}
-PREBUILT="" RUN_TESTS=1 RUN_REPRO=1 RUN_CPU=1 JOBS=4 ONLY=""
+PREBUILT="" RUN_TESTS=1 RUN_REPRO=1 RUN_CPU=1 JOBS=4
+GPU_ROWS=cora-s,cora-a,citeseer-s,citeseer-a,cora-s-public,20news-s,20news-s-knn,digits-s
+CPU_ROWS=chickenpox-s,chickenpox-a,chickenpox-s-nograph,chickenpox-a-nograph
 while [ $# -gt 0 ]; do
   case "$1" in
     --prebuilt) PREBUILT=$2; shift 2 ;;
@@ -26,7 +30,8 @@ while [ $# -gt 0 ]; do
     --skip-reproduce) RUN_REPRO=0; shift ;;
     --skip-cpu) RUN_CPU=0; shift ;;
     --jobs) JOBS=$2; shift 2 ;;
-    --only) ONLY=$2; shift 2 ;;
+    --gpu-rows) GPU_ROWS=$2; shift 2 ;;
+    --cpu-rows) CPU_ROWS=$2; shift 2 ;;
     *) echo "device_session: unknown option $1" >&2; exit 2 ;;
   esac
 done
@@ -64,11 +69,18 @@ if [ "$RUN_CPU" = 1 ]; then
 fi
 
 if [ "$RUN_REPRO" = 1 ]; then
-  say "reproduce (node/instance rows on the GPU, $JOBS rows at a time, cores 2-$(( $(nproc) - 1 )))"
-  taskset -c 2-$(( $(nproc) - 1 )) "$PY" scripts/reproduce --bin "$BIN/difformer" --device cuda --jobs "$JOBS" \
-    --threads $(( ($(nproc) - 2) / JOBS )) ${ONLY:+--only "$ONLY"} >"$OUT/reproduce.log" 2>&1
-  say "reproduce exit $?"
-  grep -E "done in|FAILED|not run" "$OUT/reproduce.log" | tee -a "$LOG"
+  # GPU rows on cores 2-5 (one host thread each), CPU rows on cores 6..: both render
+  # docs/RESULTS.md from every JSON present when they finish (the later one has them all).
+  last=$(( $(nproc) - 1 ))
+  say "reproduce: GPU rows $GPU_ROWS; CPU rows $CPU_ROWS"
+  [ -n "$CPU_ROWS" ] && taskset -c 6-$last "$PY" scripts/reproduce --bin "$BIN/difformer" --jobs 2 \
+    --threads $(( (last - 5) / 2 )) --only "$CPU_ROWS" >"$OUT/reproduce_cpu.log" 2>&1 &
+  cpu_rows_pid=$!
+  [ -n "$GPU_ROWS" ] && taskset -c 2-5 "$PY" scripts/reproduce --bin "$BIN/difformer" --device cuda --jobs "$JOBS" \
+    --threads 1 --only "$GPU_ROWS" >"$OUT/reproduce_gpu.log" 2>&1
+  wait $cpu_rows_pid
+  say "reproduce done"
+  grep -hE "done in|FAILED|not run" "$OUT"/reproduce_*.log | tee -a "$LOG"
   cp -r docs/RESULTS.md docs/results "$OUT/" 2>/dev/null
 fi
 

@@ -5,7 +5,7 @@
 #
 #   bench/cuda_vs_peer.sh [--prebuilt DIR] [--build DIR] [--skip-tests] [--skip-peer]
 #                         [--simple-sizes 1e4,1e5,1e6,1e7] [--sigmoid-sizes 1e4,3e4,6e4]
-#                         [--precision fp32|tf32] [--steps N] [--exclude REGEX] [--deps DIR]
+#                         [--precision fp32|tf32|bf16] [--steps N] [--exclude REGEX] [--deps DIR]
 #
 # Outputs (in $OUT, default ./out/cuda_vs_peer): tests.log, ours.jsonl (one bench JSON per line),
 # peer.csv, cuda_vs_peer.csv (the joined table), run.log. The grid is the issue's: F=128, hidden
@@ -105,7 +105,7 @@ run_ours() {  # kernel, N
   local k=$1 n=$2 steps=$STEPS
   local nn; nn=$(python3 -c "print(int(float('$n')))")
   [ "$nn" -ge 5000000 ] && steps=$(( STEPS < 5 ? STEPS : 5 ))
-  if DIFFORMER_PRECISION=$PRECISION timeout 300 "$BIN/difformer" bench --device cuda --kernel "$k" --nodes "$nn" --features 128 \
+  if timeout 300 "$BIN/difformer" bench --device cuda --precision "$PRECISION" --kernel "$k" --nodes "$nn" --features 128 \
       --classes 10 --hidden 64 --layers 2 --heads 1 --dropout 0 --steps "$steps" --warmup 2 \
       --json "$TMPJ/$k-$nn.json" >>"$LOG" 2>&1; then
     python3 -c "import json,sys; print(json.dumps(json.load(open(sys.argv[1]))))" "$TMPJ/$k-$nn.json" >>"$OUT/ours.jsonl"

@@ -5,8 +5,13 @@
 #
 #   bench/cuda_vs_peer.sh [--prebuilt DIR] [--build DIR] [--skip-tests] [--skip-peer]
 #                         [--simple-sizes 1e4,1e5,1e6,1e7] [--sigmoid-sizes 1e4,3e4,6e4]
-#                         [--precision fp32|tf32|bf16] [--steps N] [--exclude REGEX] [--deps DIR]
+#                         [--precision fp32|tf32|bf16] [--precisions fp32,tf32,bf16] [--steps N]
+#                         [--exclude REGEX] [--deps DIR]
 #
+# An empty size list (--simple-sizes '') skips that kernel, ours and the peer's. --precisions runs
+# our bench once per precision (rows keyed by precision; the peer runs once, in fp32, TF32 off).
+# The precision reaches `difformer bench` as --precision where the binary has the flag, and as
+# DIFFORMER_PRECISION in the environment either way.
 # Outputs (in $OUT, default ./out/cuda_vs_peer): tests.log, ours.jsonl (one bench JSON per line),
 # peer.csv, cuda_vs_peer.csv (the joined table), run.log. The grid is the issue's: F=128, hidden
 # 64, 2 layers, 1 head, Wv on, dropout 0, average degree 10, fp32, one full-batch training step
@@ -38,7 +43,7 @@ while [ $# -gt 0 ]; do
     --skip-peer) RUN_PEER=0; shift ;;
     --simple-sizes) SIMPLE_SIZES=$2; shift 2 ;;
     --sigmoid-sizes) SIGMOID_SIZES=$2; shift 2 ;;
-    --precision) PRECISION=$2; shift 2 ;;
+    --precision|--precisions) PRECISION=$2; shift 2 ;;
     --steps) STEPS=$2; shift 2 ;;
     --exclude) EXCLUDE=$2; shift 2 ;;
     --deps) DEPS=$2; shift 2 ;;
@@ -101,37 +106,52 @@ fi
 # ---- our bench -----------------------------------------------------------------------------------
 : >"$OUT/ours.jsonl"
 TMPJ=$(mktemp -d)
-run_ours() {  # kernel, N
-  local k=$1 n=$2 steps=$STEPS
+PREC_FLAG=0
+"$BIN/difformer" bench --help 2>/dev/null | grep -q -- '--precision' && PREC_FLAG=1
+run_ours() {  # kernel, N, precision
+  local k=$1 n=$2 prec=$3 steps=$STEPS
   local nn; nn=$(python3 -c "print(int(float('$n')))")
   [ "$nn" -ge 5000000 ] && steps=$(( STEPS < 5 ? STEPS : 5 ))
-  if timeout 300 "$BIN/difformer" bench --device cuda --precision "$PRECISION" --kernel "$k" --nodes "$nn" --features 128 \
-      --classes 10 --hidden 64 --layers 2 --heads 1 --dropout 0 --steps "$steps" --warmup 2 \
-      --json "$TMPJ/$k-$nn.json" >>"$LOG" 2>&1; then
-    python3 -c "import json,sys; print(json.dumps(json.load(open(sys.argv[1]))))" "$TMPJ/$k-$nn.json" >>"$OUT/ours.jsonl"
-    say "ours $k N=$nn: $(tail -1 "$LOG")"
+  local extra=()
+  [ "$PREC_FLAG" = 1 ] && extra=(--precision "$prec")
+  if DIFFORMER_PRECISION=$prec timeout 300 "$BIN/difformer" bench --device cuda --kernel "$k" --nodes "$nn" --features 128 \
+      --classes 10 --hidden 64 --layers 2 --heads 1 --dropout 0 --steps "$steps" --warmup 2 "${extra[@]}" \
+      --json "$TMPJ/$k-$nn-$prec.json" >>"$LOG" 2>&1; then
+    python3 -c "import json,sys; j=json.load(open(sys.argv[1])); j.setdefault('precision', sys.argv[2]); print(json.dumps(j))" \
+      "$TMPJ/$k-$nn-$prec.json" "$prec" >>"$OUT/ours.jsonl"
+    say "ours $k N=$nn $prec: $(tail -1 "$LOG")"
   else
-    say "ours $k N=$nn FAILED: $(tail -3 "$LOG" | tr '\n' ' ')"
+    say "ours $k N=$nn $prec FAILED: $(tail -3 "$LOG" | tr '\n' ' ')"
   fi
 }
+IFS=, read -ra PS <<<"$PRECISION"
 IFS=, read -ra SS <<<"$SIMPLE_SIZES"
-for n in "${SS[@]}"; do run_ours simple "$n"; done
 IFS=, read -ra GS <<<"$SIGMOID_SIZES"
-for n in "${GS[@]}"; do run_ours sigmoid "$n"; done
+for p in "${PS[@]}"; do
+  for n in "${SS[@]}"; do run_ours simple "$n" "$p"; done
+  for n in "${GS[@]}"; do run_ours sigmoid "$n" "$p"; done
+done
 
 # ---- the PyTorch peer -------------------------------------------------------------------------------
 PEER=""
-for d in "$ROOT/shared/peer" "$ROOT/../shared/peer" "$ROOT/build-dev/peer"; do
+for d in "$ROOT/bench/peer" "$ROOT/shared/peer" "$ROOT/../shared/peer" "$ROOT/build-dev/peer"; do
   [ -f "$d/peer_bench.py" ] && PEER=$d && break
 done
 if [ "$RUN_PEER" = 1 ] && [ -n "$PEER" ]; then
   say "peer from $PEER"
-  PYTHONUNBUFFERED=1 python3 "$PEER/peer_bench.py" --device cuda --kernels simple --graph on --sizes "$SIMPLE_SIZES" \
-    --out "$TMPJ/peer_simple.csv" >>"$LOG" 2>&1 || say "peer (simple) failed"
-  PYTHONUNBUFFERED=1 python3 "$PEER/peer_bench.py" --device cuda --kernels sigmoid --graph on --sizes "$SIGMOID_SIZES" \
-    --out "$TMPJ/peer_sigmoid.csv" >>"$LOG" 2>&1 || say "peer (sigmoid) failed"
-  cat "$TMPJ"/peer_simple.csv 2>/dev/null >"$OUT/peer.csv"
-  tail -n +2 "$TMPJ"/peer_sigmoid.csv 2>/dev/null >>"$OUT/peer.csv"
+  if [ -n "$SIMPLE_SIZES" ]; then
+    PYTHONUNBUFFERED=1 python3 "$PEER/peer_bench.py" --device cuda --kernels simple --graph on --sizes "$SIMPLE_SIZES" \
+      --out "$TMPJ/peer_simple.csv" >>"$LOG" 2>&1 || say "peer (simple) failed"
+  fi
+  if [ -n "$SIGMOID_SIZES" ]; then
+    PYTHONUNBUFFERED=1 python3 "$PEER/peer_bench.py" --device cuda --kernels sigmoid --graph on --sizes "$SIGMOID_SIZES" \
+      --out "$TMPJ/peer_sigmoid.csv" >>"$LOG" 2>&1 || say "peer (sigmoid) failed"
+  fi
+  : >"$OUT/peer.csv"
+  for f in "$TMPJ"/peer_simple.csv "$TMPJ"/peer_sigmoid.csv; do
+    [ -f "$f" ] || continue
+    if [ -s "$OUT/peer.csv" ]; then tail -n +2 "$f" >>"$OUT/peer.csv"; else cat "$f" >>"$OUT/peer.csv"; fi
+  done
 elif [ "$RUN_PEER" = 1 ]; then
   say "peer_bench.py not found (looked in shared/peer, ../shared/peer, build-dev/peer)"
 fi
@@ -143,16 +163,17 @@ out = sys.argv[1]
 ours = {}
 for line in open(os.path.join(out, "ours.jsonl")):
     j = json.loads(line)
-    ours[(j["model"]["kernel"], int(j["nodes"]))] = j
+    ours[(j["model"]["kernel"], int(j["nodes"]), j.get("precision", "fp32"))] = j
 peer = {}
 p = os.path.join(out, "peer.csv")
-if os.path.exists(p):
+if os.path.exists(p) and os.path.getsize(p) > 0:
     for r in csv.DictReader(open(p)):
         peer[(r["kernel"], int(r["N"]))] = r
 rows = []
-print(f"{'kernel':8} {'N':>9} | {'ours ms':>9} {'ours MB':>9} | {'peer ms':>9} {'peer MB':>9} | {'speedup':>7} {'mem ratio':>9}")
-for key in sorted(set(ours) | set(peer), key=lambda k: (k[0] != "simple", k[1])):
-    o, q = ours.get(key), peer.get(key)
+print(f"{'kernel':8} {'N':>9} {'prec':>5} | {'ours ms':>9} {'ours MB':>9} | {'peer ms':>9} {'peer MB':>9} | {'speedup':>7} {'mem ratio':>9}")
+keys = set(ours) | {k + ("fp32",) for k in peer if not any(o[:2] == k for o in ours)}
+for key in sorted(keys, key=lambda k: (k[0] != "simple", k[1], k[2])):
+    o, q = ours.get(key), peer.get(key[:2])
     oms = o["ms_per_step_mean_loop"] if o else None
     omb = o["peak_device_bytes"] / 2**20 if o else None
     def num(v):
@@ -163,12 +184,12 @@ for key in sorted(set(ours) | set(peer), key=lambda k: (k[0] != "simple", k[1]))
     sp = pms / oms if (pms and oms) else None
     mr = omb / pmb if (pmb and omb) else None
     f = lambda v, w=9, d=2: f"{v:{w}.{d}f}" if v is not None else f"{'-':>{w}}"
-    print(f"{key[0]:8} {key[1]:>9} | {f(oms)} {f(omb,9,1)} | {f(pms)} {f(pmb,9,1)} | {f(sp,7,2)} {f(mr,9,3)}"
+    print(f"{key[0]:8} {key[1]:>9} {key[2]:>5} | {f(oms)} {f(omb,9,1)} | {f(pms)} {f(pmb,9,1)} | {f(sp,7,2)} {f(mr,9,3)}"
           + ("" if q is None or pms is not None else f"   (peer: {q['ms_per_step']})"))
     rows.append(dict(kernel=key[0], N=key[1], ours_ms_mean=oms, ours_ms_median=o["ms_per_step_median"] if o else None,
                      ours_peak_MB=omb, peer_ms=q["ms_per_step"] if q else None, peer_peak_MB=q["peak_mem_MB"] if q else None,
                      speedup=sp, mem_ratio=mr, cuda_graph=o["cuda_graph"] if o else None,
-                     precision=o["precision"] if o else None))
+                     precision=key[2]))
 with open(os.path.join(out, "cuda_vs_peer.csv"), "w", newline="") as fh:
     w = csv.DictWriter(fh, fieldnames=list(rows[0].keys()) if rows else ["kernel"])
     w.writeheader()

@@ -32,7 +32,11 @@ void load(const ModelUseFlags& f, Loaded& l) {
   const ModelConfig& cfg = l.model->config();
   DFM_CHECK(d.features == cfg.in_features, f.data, ": x has ", d.features, " features, the model in ", f.model,
             " expects ", cfg.in_features);
-  if (meta.value("preprocess", std::string("citation")) == "citation") {
+  // A checkpoint without meta_json (a PyTorch state_dict saved with numpy.savez) gets the
+  // citation preprocessing, as `train` applies to node data by default.
+  const std::string preprocess =
+      meta.is_object() ? meta.value("preprocess", std::string("citation")) : std::string("citation");
+  if (preprocess == "citation") {
     row_normalise(d);
     if (d.has_graph()) citation_graph(d);
   }

@@ -65,5 +65,37 @@ TEST(Checkpoint, MissingParameterIsNamed) {
   std::remove(path.c_str());
 }
 
+// A PyTorch state_dict saved with numpy.savez has no meta_json: `embed` must treat it as a
+// citation-preprocessed model, exactly as a checkpoint whose meta says so.
+TEST(Checkpoint, CheckpointWithoutMetaEmbedsLikeCitationMeta) {
+  ModelConfig cfg;
+  cfg.in_features = 1433;  // Cora
+  cfg.out_features = 7;
+  cfg.hidden = 8;
+  cfg.layers = 2;
+  DIFFormer model(cfg);
+  std::mt19937_64 rng(11);
+  model.init(rng);
+  const auto dir = std::filesystem::temp_directory_path();
+  const std::string bare = (dir / "dfm_ckpt_nometa.npz").string(), meta = (dir / "dfm_ckpt_meta.npz").string();
+  save_checkpoint(bare, model);
+  save_checkpoint(meta, model, nlohmann::json{{"preprocess", "citation"}});
+  const std::string data = std::string(DIFFORMER_SOURCE_DIR) + "/data/cora.npz";
+  std::vector<std::vector<float>> out;
+  for (const std::string& ck : {bare, meta}) {
+    const std::string npy = ck + ".logits.npy";
+    const std::string cmd = std::string(DIFFORMER_CLI) + " embed --model " + ck + " --data " + data +
+                            " --logits --threads 1 --out " + npy + " > /dev/null 2>&1";
+    ASSERT_EQ(std::system(cmd.c_str()), 0) << cmd;
+    const NpyArray a = read_npy(npy);
+    ASSERT_EQ(a.shape, (std::vector<Index>{2708, 7}));
+    out.push_back(a.to_f32(npy));
+    std::remove(npy.c_str());
+  }
+  EXPECT_EQ(out[0], out[1]);
+  std::remove(bare.c_str());
+  std::remove(meta.c_str());
+}
+
 }  // namespace
 }  // namespace dfm

@@ -1,6 +1,7 @@
 #include "train/synthetic.hpp"
 
 #include <algorithm>
+#include <parallel/algorithm>  // __gnu_parallel::sort (OpenMP): the edge keys at N = 5e7 are 5e8 integers
 #include <random>
 
 namespace dfm {
@@ -29,7 +30,7 @@ SyntheticProblem make_synthetic(Index n, Index features, Index classes, double a
     if (a == b) continue;
     keys.push_back(std::min(a, b) * n + std::max(a, b));
   }
-  std::sort(keys.begin(), keys.end());
+  __gnu_parallel::sort(keys.begin(), keys.end());  // integers: the same order as std::sort
   keys.erase(std::unique(keys.begin(), keys.end()), keys.end());
   std::vector<std::int64_t> directed;
   directed.reserve(2 * keys.size());
@@ -37,7 +38,7 @@ SyntheticProblem make_synthetic(Index n, Index features, Index classes, double a
     directed.push_back(k);                         // (a, b)
     directed.push_back((k % n) * n + k / n);       // (b, a)
   }
-  std::sort(directed.begin(), directed.end());
+  __gnu_parallel::sort(directed.begin(), directed.end());
   p.src.resize(directed.size());
   p.dst.resize(directed.size());
   for (size_t e = 0; e < directed.size(); ++e) {

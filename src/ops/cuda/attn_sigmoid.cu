@@ -11,7 +11,14 @@
 // is a template DP in {16, 32, 64}: a smaller d is zero-padded (exact: zeros add nothing to Q.K
 // and the padded output columns are never written). Padded keys are masked to w = 0; padded
 // queries get 1/r = 0, which zeroes their contributions to dK and dV.
-// Not yet: a TF32/BF16 tensor-core variant (see the report), d > 64.
+// These are the CUDA-core kernels: precision fp32 by default. tf32 and bf16 run the tensor-core
+// kernels of attn_sigmoid_tc.cuh (mma.sync, the scores in registers), and so does fp32 as 3xTF32
+// with DIFFORMER_SIGMOID_IMPL=mma; see cuda_ops.hpp and dev/cuda/attn_sigmoid_v5.cu.
+// Not yet: d > 64.
+#include <cstdlib>
+#include <cstring>
+
+#include "ops/cuda/attn_sigmoid_tc.cuh"
 #include "ops/cuda/cuda_util.cuh"
 
 namespace dfm::cuda {
@@ -365,19 +372,119 @@ SigArgs head_args(const AttnDims& dm, int h, const float* q, const float* k, con
   return g;
 }
 
+// DIFFORMER_SIGMOID_IMPL: "mma" (mma.sync, the scores in registers; fp32 as 3xTF32), "wmma"
+// (WMMA, the scores through shared memory; fp32 as 3xTF32), "simt" (the fp32 CUDA-core kernels
+// above). Unset: simt for fp32 (exact: the 3xTF32 kernels lose accuracy with N, their tensor-core
+// accumulation being slightly biased, 2.9e-5 at N = 4099 against 1.2e-6), mma for tf32 and bf16.
+// Read at every call (a handful per training step).
+enum class Impl { mma, wmma, simt };
+Impl impl_for(AttnPrecision prec) {
+  const char* e = std::getenv("DIFFORMER_SIGMOID_IMPL");
+  const bool fp32 = prec == AttnPrecision::fp32;
+  if (e != nullptr && std::strcmp(e, "mma") == 0) return Impl::mma;
+  if (e != nullptr && std::strcmp(e, "wmma") == 0) return Impl::wmma;
+  if (e != nullptr && std::strcmp(e, "simt") == 0) return fp32 ? Impl::simt : Impl::mma;
+  return fp32 ? Impl::simt : Impl::mma;
+}
+
+sigtc::Args tc_args(const SigArgs& g) {
+  sigtc::Args t;
+  t.q = g.q, t.k = g.k, t.v = g.v, t.a = g.a, t.da = g.da, t.rowsum_in = g.rowsum_in, t.delta = g.delta;
+  t.ldq = g.ldq, t.ldk = g.ldk, t.ldv = g.ldv, t.lda = g.lda, t.ldda = g.ldda, t.ldr = g.ldr;
+  t.da_scale = g.da_scale;
+  t.n = g.n, t.d = g.d;
+  t.out_a = g.out_a, t.rowsum = g.rowsum, t.dq = g.dq, t.dk = g.dk, t.dv = g.dv;
+  t.dv_beta = g.dv_beta;
+  return t;
+}
+
+bool warps4() {
+  const char* e = std::getenv("DIFFORMER_SIGMOID_WARPS");
+  return e != nullptr && std::strcmp(e, "4") == 0;
+}
+
+// One launcher for every (implementation, precision, padded width): fwd when delta is null,
+// else the backward (delta pre-pass, dK/dV, dQ). work: tc_work_bytes of scratch (mma only).
+template <int DP>
+void tc_launch(Impl impl, AttnPrecision prec, const sigtc::Args& t, float* delta, void* work, int sms,
+               cudaStream_t st) {
+  auto* wb = static_cast<__nv_bfloat16*>(work);
+  auto* wf = static_cast<float*>(work);
+  if constexpr (DP == 64) {
+    if (impl == Impl::mma && warps4()) {  // DIFFORMER_SIGMOID_WARPS=4: blocks of 4 warps (64 rows)
+      if (prec == AttnPrecision::bf16)
+        delta ? sigmma::launch_bwd<DP, 4>(t, delta, wb, sms, st) : sigmma::launch_fwd<DP, 4>(t, wb, sms, st);
+      else if (prec == AttnPrecision::tf32)
+        delta ? sigmma32::launch_bwd<false, DP, 4>(t, delta, wf, sms, st)
+              : sigmma32::launch_fwd<false, DP, 4>(t, wf, sms, st);
+      else
+        delta ? sigmma32::launch_bwd<true, DP, 4>(t, delta, wf, sms, st)
+              : sigmma32::launch_fwd<true, DP, 4>(t, wf, sms, st);
+      DFM_CUDA_LAUNCH_CHECK();
+      return;
+    }
+  }
+  if (impl == Impl::wmma) {
+    if (prec == AttnPrecision::bf16)
+      delta ? sigtc::launch_bwd<sigtc::kBF16, DP>(t, delta, sms, st) : sigtc::launch_fwd<sigtc::kBF16, DP>(t, st);
+    else if (prec == AttnPrecision::tf32)
+      delta ? sigtc::launch_bwd<sigtc::kTF32, DP>(t, delta, sms, st) : sigtc::launch_fwd<sigtc::kTF32, DP>(t, st);
+    else
+      delta ? sigtc::launch_bwd<sigtc::kTF32x3, DP>(t, delta, sms, st) : sigtc::launch_fwd<sigtc::kTF32x3, DP>(t, st);
+  } else if (prec == AttnPrecision::bf16) {
+    delta ? sigmma::launch_bwd<DP>(t, delta, wb, sms, st) : sigmma::launch_fwd<DP>(t, wb, sms, st);
+  } else if (prec == AttnPrecision::tf32) {
+    delta ? sigmma32::launch_bwd<false, DP>(t, delta, wf, sms, st) : sigmma32::launch_fwd<false, DP>(t, wf, sms, st);
+  } else {
+    delta ? sigmma32::launch_bwd<true, DP>(t, delta, wf, sms, st) : sigmma32::launch_fwd<true, DP>(t, wf, sms, st);
+  }
+  DFM_CUDA_LAUNCH_CHECK();
+}
+void tc_any(Impl impl, AttnPrecision prec, int dp, const sigtc::Args& t, float* delta, void* work, int sms,
+            cudaStream_t st) {
+  if (dp == 16)
+    tc_launch<16>(impl, prec, t, delta, work, sms, st);
+  else if (dp == 32)
+    tc_launch<32>(impl, prec, t, delta, work, sms, st);
+  else
+    tc_launch<64>(impl, prec, t, delta, work, sms, st);
+}
+// Scratch the mma kernels need for packed copies of their inputs (sigtc::setup_sources): always
+// for bf16; for fp32 / tf32 only where an input is not a full, 16-byte aligned [n][d] fp32 array.
+std::size_t tc_work_bytes(Impl impl, AttnPrecision prec, const AttnDims& dm, int dp, bool aligned) {
+  if (impl != Impl::mma) return 0;
+  const auto elems = static_cast<std::size_t>(sigtc::work_elems(dm.n, dp));
+  if (prec == AttnPrecision::bf16) return elems * sizeof(__nv_bfloat16);
+  return aligned && dm.d == dp ? 0 : elems * sizeof(float);
+}
+bool aligned16(const float* p, Index ld) {
+  return reinterpret_cast<std::uintptr_t>(p) % 16 == 0 && ld % 4 == 0;
+}
+
 }  // namespace
 
 int sigmoid_attn_max_d() { return 64; }
 
 void sigmoid_attn_fwd(GpuContext& ctx, const AttnDims& dm, const float* q, const float* k, const float* v, float* a,
-                      float* rowsum) {
+                      float* rowsum, AttnPrecision prec) {
   if (dm.n == 0) return;
   DFM_CHECK(dm.n < (Index{1} << 31) - kB, "sigmoid attention: too many rows (", dm.n, ")");
   const int dp = padded_width(dm.d);
+  const Impl impl = impl_for(prec);
+  bool aligned = dm.d % 4 == 0 && aligned16(q, dm.heads * dm.d) && aligned16(k, dm.heads * dm.d) &&
+                 aligned16(v, dm.vheads * dm.d);
+  const std::size_t wbytes = tc_work_bytes(impl, prec, dm, dp, aligned);
+  if (wbytes) ctx.ensure_scratch(wbytes + 256);
+  ScratchScope scope(ctx);
+  void* work = wbytes ? scope.take<unsigned char>(wbytes) : nullptr;
   for (int h = 0; h < dm.heads; ++h) {
     SigArgs g = head_args(dm, h, q, k, v);
     g.out_a = a + h * dm.d;
     g.rowsum = rowsum + h;
+    if (impl != Impl::simt) {
+      tc_any(impl, prec, dp, tc_args(g), nullptr, work, ctx.sms(), ctx.stream());
+      continue;
+    }
     if (dp == 16)
       launch_fwd<16>(ctx, g);
     else if (dp == 32)
@@ -389,9 +496,17 @@ void sigmoid_attn_fwd(GpuContext& ctx, const AttnDims& dm, const float* q, const
 
 void sigmoid_attn_bwd(GpuContext& ctx, const AttnDims& dm, const float* q, const float* k, const float* v,
                       const float* a, const float* rowsum, const float* da, Index da_ld, Index da_head_stride,
-                      float da_scale, float* dq, float* dk, float* dv, float dv_beta, float* delta) {
+                      float da_scale, float* dq, float* dk, float* dv, float dv_beta, float* delta,
+                      AttnPrecision prec) {
   if (dm.n == 0) return;
   const int dp = padded_width(dm.d);
+  const Impl impl = impl_for(prec);
+  bool aligned = dm.d % 4 == 0 && aligned16(q, dm.heads * dm.d) && aligned16(k, dm.heads * dm.d) &&
+                 aligned16(v, dm.vheads * dm.d) && aligned16(da, da_ld) && da_head_stride % 4 == 0;
+  const std::size_t wbytes = tc_work_bytes(impl, prec, dm, dp, aligned);
+  if (wbytes) ctx.ensure_scratch(wbytes + 256);
+  ScratchScope scope(ctx);
+  void* work = wbytes ? scope.take<unsigned char>(wbytes) : nullptr;
   for (int h = 0; h < dm.heads; ++h) {
     const int hv = dm.vheads == 1 ? 0 : h;
     SigArgs g = head_args(dm, h, q, k, v);
@@ -405,6 +520,10 @@ void sigmoid_attn_bwd(GpuContext& ctx, const AttnDims& dm, const float* q, const
     g.dk = dk + h * dm.d;
     g.dv = dv + hv * dm.d;
     g.dv_beta = (dm.vheads == 1 && h > 0) ? 1.0f : dv_beta;
+    if (impl != Impl::simt) {
+      tc_any(impl, prec, dp, tc_args(g), delta + h, work, ctx.sms(), ctx.stream());
+      continue;
+    }
     sigmoid_delta_kernel<<<blocks_for(dm.n, 8, 16 * ctx.sms()), 256, 0, ctx.stream()>>>(g, delta + h);
     DFM_CUDA_LAUNCH_CHECK();
     if (dp == 16)

@@ -10,7 +10,10 @@
 // Stats layout (simple_fused_stats_floats): [s_q, s_k, -, -] then per head KV_h/s_k (d x d),
 // ks_h/s_k (d), vs_h (d). dQ may overwrite Q and dK may overwrite K (each element, or each row
 // tile, is read before it is written). dA has Q's layout ([n, heads*d]).
+#include <cmath>
+
 #include "ops/cuda/cuda_util.cuh"
+#include "ops/cuda/simple_folded.hpp"
 
 namespace dfm::cuda {
 namespace {
@@ -680,6 +683,751 @@ void simple_fused_bwd(GpuContext& ctx, const AttnDims& dm, const float* q, const
   if (dm.n == 0) return;
   simple_backward_v2(q, k, v, a, da, stats, dq, dk, dv, work, static_cast<int>(dm.n), dm.heads, dm.vheads,
                      static_cast<int>(dm.d), ctx.stream());
+}
+
+}  // namespace dfm::cuda
+
+// =============================================================================================
+// The folded DIFFormer-s layer (simple_folded.hpp): Q, K, V and A are never stored.
+// =============================================================================================
+namespace dfm::cuda {
+namespace {
+
+// Saved per-layer stats (floats): [s_q, s_k, e, -] | G | u | KV | ks | M | c | m | Wv^T | bv
+template <int D>
+struct FL {
+    static constexpr int SQ = 0, SK = 1, E = 2;
+    static constexpr int G = 4, U = G + D * D, KV = U + D, KS = KV + D * D, M = KS + D, C = M + D * D,
+                         MV = C + D, WVT = MV + D, BV = WVT + D * D, TOTAL = BV + D;
+};
+// Work buffer (floats): backward maps | fold scratch (8 D x D, 16 D) | per-block partials
+template <int D>
+struct WL {
+    static constexpr int P1 = 0, Z = D * D, WG = 2 * D * D, ZB = 3 * D * D;
+    static constexpr int T = ZB + D;
+    static constexpr int V = T + 8 * D * D;
+    static constexpr int PART = V + 16 * D + 4;
+    static constexpr int PRECB = 2 * D * D + 3 * D + 4;  // h^T dnum | h^T t | h^T dden | sum dnum | sum t | tau
+};
+
+__device__ __forceinline__ double block_sum_all(double v, double* sh) {  // every thread gets the sum
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    v = warp_sum(v);
+    if (lane == 0) sh[warp] = v;
+    __syncthreads();
+    double r = 0;
+    for (int w = 0; w < (int)(blockDim.x >> 5); w++) r += sh[w];
+    __syncthreads();
+    return r;
+}
+
+template <int TX>
+__device__ __forceinline__ float row_reduce(float v) {  // over the TX consecutive lanes of one row
+#pragma unroll
+    for (int o = 1; o < TX; o <<= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+// acc[j][c] += sum_k Xs[(ty*4+j)*D + k] * Ws[k*D + tx*4 + c]
+template <int D>
+__device__ __forceinline__ void tile_rowmm_add(float (&acc)[4][4], const float* Xs, const float* Ws, int ty, int tx) {
+#pragma unroll 4
+    for (int k = 0; k < D; k += 4) {
+        float4 x[4], w[4];
+#pragma unroll
+        for (int j = 0; j < 4; j++) x[j] = ld4(Xs + (ty * 4 + j) * D + k);
+#pragma unroll
+        for (int kk = 0; kk < 4; kk++) w[kk] = ld4(Ws + (k + kk) * D + tx * 4);
+#pragma unroll
+        for (int kk = 0; kk < 4; kk++) {
+            float4 xk = make_float4(comp(x[0], kk), comp(x[1], kk), comp(x[2], kk), comp(x[3], kk));
+            outer4(acc, xk, w[kk]);
+        }
+    }
+}
+
+// ---- forward fold: six short launches (phase 2 is one block: the two norms) ---------------------
+// Multi-block phases spread their d x d elements over the grid; the kernel boundaries order them.
+#define DFM_FOLD_LOOP(e, count) for (int e = gid; e < (count); e += gnt)
+template <int D>
+__global__ void __launch_bounds__(1024)
+    folded_fwd_fold_kernel(int phase, const float* __restrict__ part, int nblk, FoldedWeights w,
+                           float* __restrict__ st, float* __restrict__ work, int N) {
+    using L = FL<D>;
+    using W = WL<D>;
+    __shared__ double sh[32];
+    const int gid = blockIdx.x * blockDim.x + threadIdx.x, gnt = gridDim.x * blockDim.x;
+    const double Nd = (double)N;
+    float* G = st + L::G;
+    float* u = st + L::U;
+    float* WqG = work + W::T;
+    float* WkG = WqG + D * D;
+    float* KV0 = WkG + D * D;
+    float* Wqu = work + W::V;
+    float* Wku = Wqu + D;
+    float* vs = Wku + D;
+    double* dsc = reinterpret_cast<double*>(work + W::V + 14 * D);  // [gq, gk, sq, sk]
+    float* ks = st + L::KS;
+    float* KV = st + L::KV;
+    if (phase == 0) {
+        DFM_FOLD_LOOP(e, D * D + D) {  // the reduce records start with K^T V = G, then sum K = u
+            double s = 0;
+            for (int b = 0; b < nblk; b++) s += part[(size_t)b * Cfg<D>::PREC + e];
+            G[e] = (float)s;
+        }
+    } else if (phase == 1) {
+        DFM_FOLD_LOOP(e, D * D) {
+            const int i = e / D, j = e % D;
+            double a = 0, b = 0;
+            for (int k = 0; k < D; k++) {
+                const double g = G[k * D + j];
+                a += (double)w.wq[i * D + k] * g;
+                b += (double)w.wk[i * D + k] * g;
+            }
+            WqG[e] = (float)a;
+            WkG[e] = (float)b;
+        }
+        DFM_FOLD_LOOP(i, D) {
+            double a = 0, b = 0, c = 0;
+            for (int k = 0; k < D; k++) {
+                a += (double)w.wq[i * D + k] * u[k];
+                b += (double)w.wk[i * D + k] * u[k];
+                if (w.wv) c += (double)w.wv[i * D + k] * u[k];
+            }
+            Wqu[i] = (float)a;
+            Wku[i] = (float)b;
+            vs[i] = w.wv ? (float)(c + Nd * (double)w.bv[i]) : u[i];
+        }
+    } else if (phase == 2) {  // one block
+        double pq = 0, pk = 0;
+        DFM_FOLD_LOOP(e, D * D) {
+            pq += (double)WqG[e] * (double)w.wq[e];
+            pk += (double)WkG[e] * (double)w.wk[e];
+        }
+        DFM_FOLD_LOOP(i, D) {
+            const double bq = w.bq[i], bk = w.bk[i];
+            pq += 2.0 * bq * (double)Wqu[i] + Nd * bq * bq;
+            pk += 2.0 * bk * (double)Wku[i] + Nd * bk * bk;
+        }
+        pq = block_sum_all(pq, sh);
+        pk = block_sum_all(pk, sh);
+        if (gid == 0) {
+            const double sq = sqrt(fmax(pq, 0.0)), sk = sqrt(fmax(pk, 0.0));
+            dsc[2] = sq;
+            dsc[3] = sk;
+            st[L::SQ] = (float)sq;
+            st[L::SK] = (float)sk;
+        }
+    } else if (phase == 3) {
+        const double isk = 1.0 / dsc[3];
+        DFM_FOLD_LOOP(i, D) ks[i] = (float)(((double)Wku[i] + Nd * (double)w.bk[i]) * isk);
+        DFM_FOLD_LOOP(e, D * D) {
+            const int i = e / D, j = e % D;
+            KV0[e] = (float)(((double)WkG[e] + (double)w.bk[i] * (double)u[j]) * isk);
+        }
+    } else if (phase == 4) {
+        DFM_FOLD_LOOP(e, D * D) {
+            const int i = e / D, j = e % D;
+            if (w.wv) {
+                double a = 0;
+                for (int k = 0; k < D; k++) a += (double)KV0[i * D + k] * (double)w.wv[j * D + k];
+                KV[e] = (float)(a + (double)ks[i] * (double)w.bv[j]);
+            } else {
+                KV[e] = KV0[e];
+            }
+        }
+    } else {
+        const double isq = 1.0 / dsc[2];
+        float* M = st + L::M;
+        float* c = st + L::C;
+        float* mv = st + L::MV;
+        float* wvt = st + L::WVT;
+        float* bvv = st + L::BV;
+        DFM_FOLD_LOOP(e, D * D) {
+            const int i = e / D, j = e % D;
+            double a = 0;
+            for (int k = 0; k < D; k++) a += (double)w.wq[k * D + i] * (double)KV[k * D + j];
+            M[e] = (float)(a * isq);
+            wvt[e] = w.wv ? w.wv[j * D + i] : (i == j ? 1.0f : 0.0f);  // Wv^T[k][c] = Wv[c][k]
+        }
+        DFM_FOLD_LOOP(j, D) {
+            double a = 0, b = 0;
+            for (int k = 0; k < D; k++) {
+                a += (double)KV[k * D + j] * (double)w.bq[k];
+                b += (double)w.wq[k * D + j] * (double)ks[k];
+            }
+            c[j] = (float)(a * isq + (double)vs[j]);
+            mv[j] = (float)(b * isq);
+            bvv[j] = w.bv ? w.bv[j] : 0.0f;
+        }
+        if (gid == 0) {
+            double a = 0;
+            for (int k = 0; k < D; k++) a += (double)w.bq[k] * (double)ks[k];
+            st[L::E] = (float)(a * isq + Nd);
+            st[3] = 0.0f;
+        }
+    }
+}
+
+// ---- forward rows: z = wa A + wg (g Wv^T + r bv^T) + wr h; y = dropout(LN(z)) ---------------------
+struct RowsFwdK {
+    int n;
+    const float* h;
+    const float* g;
+    const float* rowsum;
+    const float* st;
+    float wa, wg, wr;
+    float* z;
+    bool ln;
+    const float* gamma;
+    const float* beta;
+    float eps;
+    bool drop;
+    std::uint32_t thr;
+    float dscale;
+    const std::uint64_t* seed;
+    std::uint64_t salt;
+    float* y;
+};
+
+template <int D>
+__global__ void __launch_bounds__(256) folded_fwd_rows_kernel(RowsFwdK a) {
+    using C = Cfg<D>;
+    using L = FL<D>;
+    extern __shared__ float4 smem4[];
+    float* Ms = reinterpret_cast<float*>(smem4);
+    float* Vs = Ms + D * D;
+    float* Xs = Vs + D * D;
+    float* Gs = Xs + C::TRR * D;
+    const int tid = threadIdx.x, ty = tid / C::TX, tx = tid % C::TX;
+    for (int e = tid * 4; e < D * D; e += C::NT * 4) {
+        st4(Ms + e, ld4(a.st + L::M + e));
+        if (a.g) st4(Vs + e, ld4(a.st + L::WVT + e));
+    }
+    const float4 m4 = ld4(a.st + L::MV + tx * 4), c4 = ld4(a.st + L::C + tx * 4), bv4 = ld4(a.st + L::BV + tx * 4);
+    const float ee = a.st[L::E];
+    float gm[4] = {1.f, 1.f, 1.f, 1.f}, bt[4] = {0.f, 0.f, 0.f, 0.f};
+    if (a.ln)
+#pragma unroll
+        for (int cc = 0; cc < 4; cc++) gm[cc] = a.gamma[tx * 4 + cc], bt[cc] = a.beta[tx * 4 + cc];
+    const std::uint64_t seed = a.drop ? mix_seed_dev(*a.seed, a.salt) : 0;
+    const float invd = 1.0f / (float)D;
+    const int ntiles = ceil_div_d(a.n, C::TRR);
+    for (int tile = blockIdx.x; tile < ntiles; tile += gridDim.x) {
+        const int row0 = tile * C::TRR;
+        load_rows_tile<D>(Xs, a.h, D, row0, a.n);
+        if (a.g) load_rows_tile<D>(Gs, a.g, D, row0, a.n);
+        __syncthreads();
+        float den[4];
+#pragma unroll
+        for (int j = 0; j < 4; j++) den[j] = row_reduce<C::TX>(dot4(ld4(Xs + (ty * 4 + j) * D + tx * 4), m4));
+        float acc[4][4], acc2[4][4];
+        tile_rowmm<D>(acc, Xs, Ms, ty, tx);
+        if (a.g) {
+            tile_rowmm<D>(acc2, Gs, Vs, ty, tx);
+        } else {
+#pragma unroll
+            for (int j = 0; j < 4; j++)
+#pragma unroll
+                for (int cc = 0; cc < 4; cc++) acc2[j][cc] = 0.f;
+        }
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            const int r = ty * 4 + j, gr = row0 + r;
+            const float rd = 1.f / (den[j] + ee);
+            const float4 hv = ld4(Xs + r * D + tx * 4);
+            const float rs = (a.g && gr < a.n) ? a.rowsum[gr] : 0.f;
+            float zz[4];
+#pragma unroll
+            for (int cc = 0; cc < 4; cc++) {
+                zz[cc] = a.wa * ((acc[j][cc] + comp(c4, cc)) * rd) + a.wr * comp(hv, cc);
+                if (a.g) zz[cc] += a.wg * (acc2[j][cc] + rs * comp(bv4, cc));
+            }
+            if (gr < a.n) st4(a.z + (size_t)gr * D + tx * 4, make_float4(zz[0], zz[1], zz[2], zz[3]));
+            float mean = 0.f, rstd = 1.f;
+            if (a.ln) {
+                mean = row_reduce<C::TX>(zz[0] + zz[1] + zz[2] + zz[3]) * invd;
+                float var = 0.f;
+#pragma unroll
+                for (int cc = 0; cc < 4; cc++) var += (zz[cc] - mean) * (zz[cc] - mean);
+                var = row_reduce<C::TX>(var) * invd;
+                rstd = 1.0f / sqrtf(var + a.eps);
+            }
+            float o[4];
+#pragma unroll
+            for (int cc = 0; cc < 4; cc++) {
+                float v = zz[cc];
+                if (a.ln) v = (v - mean) * rstd * gm[cc] + bt[cc];
+                if (a.drop)
+                    v = dropout_keep(seed, (std::uint64_t)gr * D + tx * 4 + cc, a.thr) ? v * a.dscale : 0.0f;
+                o[cc] = v;
+            }
+            if (gr < a.n) st4(a.y + (size_t)gr * D + tx * 4, make_float4(o[0], o[1], o[2], o[3]));
+        }
+        __syncthreads();
+    }
+}
+
+// ---- backward: reduce pass ----------------------------------------------------------------------
+struct BwdK {
+    int n;
+    const float* h;
+    const float* d_o;
+    const float* t;
+    const float* st;
+    const float* maps;
+    float wa, wr;
+    float* part;
+    float* dh;
+};
+
+// A, dnum, dden of the tile's rows from Xs (h) and Ns (d_o; overwritten by dnum). den: h . m
+template <int D>
+__device__ __forceinline__ void tile_dnum(const BwdK& a, const float* Xs, float* Ns, const float* Ms, float4 m4,
+                                          float4 c4, float ee, int ty, int tx, float (&dden)[4], float4 (&dov)[4]) {
+    using C = Cfg<D>;
+    float den[4];
+#pragma unroll
+    for (int j = 0; j < 4; j++) den[j] = row_reduce<C::TX>(dot4(ld4(Xs + (ty * 4 + j) * D + tx * 4), m4));
+    float acc[4][4];
+    tile_rowmm<D>(acc, Xs, Ms, ty, tx);
+#pragma unroll
+    for (int j = 0; j < 4; j++) {
+        const int r = ty * 4 + j;
+        const float rd = 1.f / (den[j] + ee);
+        const float4 dv = ld4(Ns + r * D + tx * 4);
+        dov[j] = dv;
+        const float4 dA = scale4(dv, a.wa);
+        const float4 A = make_float4((acc[j][0] + c4.x) * rd, (acc[j][1] + c4.y) * rd, (acc[j][2] + c4.z) * rd,
+                                     (acc[j][3] + c4.w) * rd);
+        const float p = row_reduce<C::TX>(dot4(dA, A));
+        dden[j] = -p * rd;
+        st4(Ns + r * D + tx * 4, scale4(dA, rd));
+    }
+}
+
+template <int D>
+__global__ void __launch_bounds__(256) folded_bwd_reduce_kernel(BwdK a) {
+    using C = Cfg<D>;
+    using L = FL<D>;
+    using W = WL<D>;
+    extern __shared__ float4 smem4[];
+    float* Ms = reinterpret_cast<float*>(smem4);
+    float* Xs = Ms + D * D;
+    float* Ns = Xs + C::TRR * D;
+    float* Ts = Ns + C::TRR * D;
+    float* dd = Ts + C::TRR * D;
+    __shared__ float4 red4[C::NW * C::TX];
+    __shared__ float red1[C::NW];
+    const int tid = threadIdx.x, ty = tid / C::TX, tx = tid % C::TX;
+    const int g = tid / C::OPT, lt = tid % C::OPT, oy = lt / C::TX, ox = lt % C::TX;
+    const int c4i = tid % C::TX, r4 = tid / C::TX;
+    for (int e = tid * 4; e < D * D; e += C::NT * 4) st4(Ms + e, ld4(a.st + L::M + e));
+    const float4 m4 = ld4(a.st + L::MV + tx * 4), c4 = ld4(a.st + L::C + tx * 4);
+    const float ee = a.st[L::E];
+    float accS[4][4] = {}, accT[4][4] = {};
+    float4 vr = make_float4(0.f, 0.f, 0.f, 0.f), vn = vr, vt = vr;
+    float tau = 0.f;
+    const int ntiles = ceil_div_d(a.n, C::TRR);
+    for (int tile = blockIdx.x; tile < ntiles; tile += gridDim.x) {
+        const int row0 = tile * C::TRR;
+        load_rows_tile<D>(Xs, a.h, D, row0, a.n);
+        load_rows_tile<D>(Ns, a.d_o, D, row0, a.n);
+        if (a.t) load_rows_tile<D>(Ts, a.t, D, row0, a.n);
+        __syncthreads();
+        float dden[4];
+        float4 dov[4];
+        tile_dnum<D>(a, Xs, Ns, Ms, m4, c4, ee, ty, tx, dden, dov);
+        if (tx == 0)
+#pragma unroll
+            for (int j = 0; j < 4; j++) dd[ty * 4 + j] = dden[j];
+        __syncthreads();
+#pragma unroll 4
+        for (int r = g; r < C::TRR; r += C::G) {
+            const float4 x = ld4(Xs + r * D + oy * 4);
+            outer4(accS, x, ld4(Ns + r * D + ox * 4));
+            if (a.t) outer4(accT, x, ld4(Ts + r * D + ox * 4));
+        }
+        for (int r = r4; r < C::TRR; r += C::TY) {
+            const float dr = dd[r];
+            vr = fma4(dr, ld4(Xs + r * D + c4i * 4), vr);
+            vn = add4(vn, ld4(Ns + r * D + c4i * 4));
+            if (a.t) vt = add4(vt, ld4(Ts + r * D + c4i * 4));
+            if (c4i == 0) tau += dr;
+        }
+        __syncthreads();
+    }
+    float* rec = a.part + (size_t)blockIdx.x * W::PRECB;
+    store_dxd<D>(accS, Xs, rec);
+    store_dxd<D>(accT, Xs, rec + D * D);
+    vr = block_colsum4<C::TX, C::NT>(vr, red4);
+    vn = block_colsum4<C::TX, C::NT>(vn, red4);
+    vt = block_colsum4<C::TX, C::NT>(vt, red4);
+    if (tid < C::TX) {
+        st4(rec + 2 * D * D + tid * 4, vr);
+        st4(rec + 2 * D * D + D + tid * 4, vn);
+        st4(rec + 2 * D * D + 2 * D + tid * 4, vt);
+    }
+    tau = block_sum<float, C::NT>(tau, red1);
+    if (tid == 0) rec[2 * D * D + 3 * D] = tau;
+}
+
+// ---- backward fold: five short launches (phase 3 is one block: gamma_q, gamma_k) ------------------
+template <int D>
+__global__ void __launch_bounds__(1024)
+    folded_bwd_fold_kernel(int phase, const float* __restrict__ part, int nblk, FoldedWeights w,
+                           const float* __restrict__ st, float* __restrict__ work, int N, float wg, int graph) {
+    using L = FL<D>;
+    using W = WL<D>;
+    __shared__ double sh[32];
+    const int gid = blockIdx.x * blockDim.x + threadIdx.x, gnt = gridDim.x * blockDim.x;
+    const double Nd = (double)N;
+    float* S = work + W::T;  // S | Gt | r | tn | tt | tau, as the records
+    const float* Gt = S + D * D;
+    const float* r = S + 2 * D * D;
+    const float* tn = r + D;
+    const float* tt = tn + D;
+    float* dkv = work + W::T + 3 * D * D;
+    float* hk = dkv + D * D;
+    float* WqG = hk + D * D;
+    float* WkG = WqG + D * D;
+    float* E = WkG + D * D;
+    float* dks = work + W::V;
+    float* f = dks + D;
+    float* Wqu = f + D;
+    float* Wku = Wqu + D;
+    double* dsc = reinterpret_cast<double*>(work + W::V + 14 * D);  // [gq, gk, sq, sk]
+    const float* G = st + L::G;
+    const float* u = st + L::U;
+    const float* KV = st + L::KV;
+    const float* ks = st + L::KS;
+    const double isq = 1.0 / (double)st[L::SQ], isk = 1.0 / (double)st[L::SK];
+    if (phase == 0) {
+        DFM_FOLD_LOOP(e, 2 * D * D + 3 * D + 1) {
+            double s = 0;
+            for (int b = 0; b < nblk; b++) s += part[(size_t)b * W::PRECB + e];
+            S[e] = (float)s;
+        }
+    } else if (phase == 1) {
+        const float tau = tt[D];
+        DFM_FOLD_LOOP(e, D * D) {
+            const int i = e / D, j = e % D;
+            double a = 0, b = 0, c = 0, d = 0;
+            for (int k = 0; k < D; k++) {
+                a += (double)w.wq[i * D + k] * (double)S[k * D + j];
+                b += (double)G[i * D + k] * (double)w.wk[j * D + k];
+                c += (double)w.wq[i * D + k] * (double)G[k * D + j];
+                d += (double)w.wk[i * D + k] * (double)G[k * D + j];
+            }
+            dkv[e] = (float)((a + (double)w.bq[i] * (double)tn[j]) * isq);
+            hk[e] = (float)((b + (double)u[i] * (double)w.bk[j]) * isk);
+            WqG[e] = (float)c;
+            WkG[e] = (float)d;
+        }
+        DFM_FOLD_LOOP(i, D) {
+            double a = 0, b = 0, c = 0;
+            for (int k = 0; k < D; k++) {
+                a += (double)w.wq[i * D + k] * (double)r[k];
+                b += (double)w.wq[i * D + k] * (double)u[k];
+                c += (double)w.wk[i * D + k] * (double)u[k];
+            }
+            dks[i] = (float)((a + (double)w.bq[i] * (double)tau) * isq);
+            Wqu[i] = (float)b;
+            Wku[i] = (float)c;
+        }
+    } else if (phase == 2) {
+        DFM_FOLD_LOOP(e, D * D) {
+            const int i = e / D, j = e % D;
+            if (w.wv) {
+                double a = 0;
+                for (int k = 0; k < D; k++) a += (double)dkv[i * D + k] * (double)w.wv[k * D + j];
+                E[e] = (float)a;
+            } else {
+                E[e] = dkv[e];
+            }
+        }
+        DFM_FOLD_LOOP(i, D) {
+            double a = dks[i];
+            if (w.wv)
+                for (int k = 0; k < D; k++) a += (double)dkv[i * D + k] * (double)w.bv[k];
+            f[i] = (float)a;
+        }
+    } else if (phase == 3) {  // one block
+        double gq = 0, gk = 0;
+        DFM_FOLD_LOOP(e, D * D) {
+            const int i = e / D, j = e % D;
+            gq += (double)KV[e] * (double)dkv[e];
+            gk += (double)E[j * D + i] * (double)hk[e];
+        }
+        DFM_FOLD_LOOP(i, D) {
+            gq += (double)ks[i] * (double)dks[i];
+            gk += (double)f[i] * (double)ks[i];
+        }
+        gq = block_sum_all(gq, sh);
+        gk = block_sum_all(gk, sh);
+        if (gid == 0) dsc[0] = gq, dsc[1] = gk;
+    } else {
+        const float tau = tt[D];
+        const double gq = dsc[0], gk = dsc[1];
+        const double aq = gq * isq, ak = gk * isk, q2 = gq * isq * isq, k2 = gk * isk * isk;
+        float* P1 = work + W::P1;
+        float* Z = work + W::Z;
+        float* WG = work + W::WG;
+        float* zb = work + W::ZB;
+        DFM_FOLD_LOOP(e, D * D) {
+            const int i = e / D, j = e % D;
+            double a = 0, b = 0, p = 0, z = 0, v = 0;
+            for (int k = 0; k < D; k++) {
+                a += (double)KV[i * D + k] * (double)S[j * D + k];
+                b += (double)E[i * D + k] * (double)G[k * D + j];
+                p += (double)KV[k * D + i] * (double)w.wq[k * D + j];
+                const double wqi = w.wq[k * D + i], wki = w.wk[k * D + i];
+                z += -q2 * wqi * (double)w.wq[k * D + j] + isk * (double)E[k * D + i] * (double)w.wk[k * D + j] -
+                     k2 * wki * (double)w.wk[k * D + j] + isk * wki * (double)E[k * D + j];
+                v += (double)dkv[k * D + i] * (double)hk[j * D + k];
+            }
+            w.dwq[e] +=
+                (float)((a + (double)ks[i] * (double)r[j] - aq * ((double)WqG[e] + (double)w.bq[i] * u[j])) * isq);
+            w.dwk[e] +=
+                (float)((b + (double)f[i] * (double)u[j] - ak * ((double)WkG[e] + (double)w.bk[i] * u[j])) * isk);
+            P1[e] = (float)(p * isq);
+            Z[e] = (float)z;
+            if (w.wv) {
+                double dv = v + (double)tn[i] * (double)u[j];
+                if (graph) dv += (double)wg * (double)Gt[j * D + i];
+                w.dwv[e] += (float)dv;
+            }
+            WG[e] = wg * (w.wv ? w.wv[e] : (i == j ? 1.0f : 0.0f));
+        }
+        DFM_FOLD_LOOP(i, D) {
+            double a = 0, b = 0, z = 0, vt = 0, bv = 0;
+            for (int k = 0; k < D; k++) {
+                a += (double)KV[i * D + k] * (double)tn[k];
+                b += (double)E[i * D + k] * (double)u[k];
+                const double wqi = w.wq[k * D + i], wki = w.wk[k * D + i];
+                z += -q2 * wqi * (double)w.bq[k] + isk * wki * (double)f[k] - k2 * wki * (double)w.bk[k] +
+                     isk * (double)E[k * D + i] * (double)w.bk[k];
+                if (w.wv) {
+                    vt += (double)w.wv[k * D + i] * (double)tn[k];
+                    bv += (double)dkv[k * D + i] * (double)ks[k];
+                }
+            }
+            w.dbq[i] +=
+                (float)((a + (double)ks[i] * (double)tau - aq * ((double)Wqu[i] + Nd * (double)w.bq[i])) * isq);
+            w.dbk[i] += (float)((b + Nd * (double)f[i] - ak * ((double)Wku[i] + Nd * (double)w.bk[i])) * isk);
+            zb[i] = (float)(z + (w.wv ? vt : (double)tn[i]));
+            if (w.wv) {
+                double dbv = bv + Nd * (double)tn[i];
+                if (graph) dbv += (double)wg * (double)tt[i];
+                w.dbv[i] += (float)dbv;
+            }
+        }
+    }
+}
+#undef DFM_FOLD_LOOP
+
+// ---- backward rows: dh = dnum P1 + dden m + h Z + zb + t WG + wr d_o --------------------------------
+template <int D>
+__global__ void __launch_bounds__(256) folded_bwd_rows_kernel(BwdK a) {
+    using C = Cfg<D>;
+    using L = FL<D>;
+    using W = WL<D>;
+    extern __shared__ float4 smem4[];
+    float* Ms = reinterpret_cast<float*>(smem4);
+    float* Ps = Ms + D * D;
+    float* Zs = Ps + D * D;
+    float* Ws = Zs + D * D;
+    float* Xs = Ws + D * D;
+    float* Ns = Xs + C::TRR * D;
+    float* Ts = Ns + C::TRR * D;
+    const int tid = threadIdx.x, ty = tid / C::TX, tx = tid % C::TX;
+    for (int e = tid * 4; e < D * D; e += C::NT * 4) {
+        st4(Ms + e, ld4(a.st + L::M + e));
+        st4(Ps + e, ld4(a.maps + W::P1 + e));
+        st4(Zs + e, ld4(a.maps + W::Z + e));
+        if (a.t) st4(Ws + e, ld4(a.maps + W::WG + e));
+    }
+    const float4 m4 = ld4(a.st + L::MV + tx * 4), c4 = ld4(a.st + L::C + tx * 4), zb4 = ld4(a.maps + W::ZB + tx * 4);
+    const float ee = a.st[L::E];
+    const int ntiles = ceil_div_d(a.n, C::TRR);
+    for (int tile = blockIdx.x; tile < ntiles; tile += gridDim.x) {
+        const int row0 = tile * C::TRR;
+        load_rows_tile<D>(Xs, a.h, D, row0, a.n);
+        load_rows_tile<D>(Ns, a.d_o, D, row0, a.n);
+        if (a.t) load_rows_tile<D>(Ts, a.t, D, row0, a.n);
+        __syncthreads();
+        float dden[4];
+        float4 dov[4];
+        tile_dnum<D>(a, Xs, Ns, Ms, m4, c4, ee, ty, tx, dden, dov);
+        __syncthreads();
+        float acc[4][4];
+        tile_rowmm<D>(acc, Ns, Ps, ty, tx);
+        tile_rowmm_add<D>(acc, Xs, Zs, ty, tx);
+        if (a.t) tile_rowmm_add<D>(acc, Ts, Ws, ty, tx);
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            const int gr = row0 + ty * 4 + j;
+            if (gr < a.n) {
+                float4 o;
+                o.x = acc[j][0] + dden[j] * m4.x + zb4.x + a.wr * dov[j].x;
+                o.y = acc[j][1] + dden[j] * m4.y + zb4.y + a.wr * dov[j].y;
+                o.z = acc[j][2] + dden[j] * m4.z + zb4.z + a.wr * dov[j].z;
+                o.w = acc[j][3] + dden[j] * m4.w + zb4.w + a.wr * dov[j].w;
+                st4(a.dh + (size_t)gr * D + tx * 4, o);
+            }
+        }
+        __syncthreads();
+    }
+}
+
+__global__ void csr_row_sums_kernel(Index rows, const std::int64_t* __restrict__ indptr,
+                                    const float* __restrict__ values, float* __restrict__ r) {
+    for (Index i = blockIdx.x * static_cast<Index>(blockDim.x) + threadIdx.x; i < rows;
+         i += static_cast<Index>(gridDim.x) * blockDim.x) {
+        float acc = 0.f;  // in row order, as the CPU's graph_row_sums
+        for (Index e = indptr[i]; e < indptr[i + 1]; ++e) acc += values[e];
+        r[i] = acc;
+    }
+}
+
+// ---- host side ------------------------------------------------------------------------------------
+template <int D>
+constexpr size_t smem_fwd_rows() { return (2 * D * D + 2 * Cfg<D>::TRR * D) * sizeof(float); }
+template <int D>
+constexpr size_t smem_bwd_reduce() { return (D * D + 3 * Cfg<D>::TRR * D + Cfg<D>::TRR) * sizeof(float); }
+template <int D>
+constexpr size_t smem_bwd_rows() { return (4 * D * D + 3 * Cfg<D>::TRR * D) * sizeof(float); }
+
+template <typename Kern>
+int prepare_dyn(Kern k, size_t smem) {  // raises the dynamic shared-memory limit; blocks per SM
+    DFM_CUDA_CHECK(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+    return blocks_per_sm(k, 256, smem);
+}
+
+template <int D>
+int folded_bwd_nblk(int N) {
+    static const int occ = prepare_dyn(folded_bwd_reduce_kernel<D>, smem_bwd_reduce<D>());
+    return simple_rows_nblk<D>(N, 1, occ);
+}
+
+template <int D>
+size_t folded_work_t(int N) {
+    const size_t f = (size_t)simple_reduce_nblk<D>(N, 1) * Cfg<D>::PREC;
+    const size_t b = (size_t)folded_bwd_nblk<D>(N) * WL<D>::PRECB;
+    return WL<D>::PART + std::max(f, b) + 16;
+}
+
+template <int D>
+void fwd_stats_t(GpuContext& ctx, int N, const float* h, const FoldedWeights& w, float* st, float* work) {
+    const int nblk = simple_reduce_nblk<D>(N, 1);
+    float* part = work + WL<D>::PART;
+    simple_fwd_reduce_kernel<D><<<dim3(nblk, 1), Cfg<D>::NT, 0, ctx.stream()>>>(h, h, h, part, N, 1, 1);
+    DFM_CUDA_LAUNCH_CHECK();
+    for (int phase = 0; phase < 6; phase++) {
+        const int nb = phase == 2 ? 1 : ceil_div(phase == 0 ? D * D + D : D * D, 128);
+        folded_fwd_fold_kernel<D><<<nb, phase == 2 ? 1024 : 128, 0, ctx.stream()>>>(phase, part, nblk, w, st, work, N);
+        DFM_CUDA_LAUNCH_CHECK();
+    }
+}
+
+template <int D>
+void fwd_rows_t(GpuContext& ctx, const RowsFwdK& k) {
+    static const int occ = prepare_dyn(folded_fwd_rows_kernel<D>, smem_fwd_rows<D>());
+    folded_fwd_rows_kernel<D><<<simple_rows_nblk<D>(k.n, 1, occ), Cfg<D>::NT, smem_fwd_rows<D>(), ctx.stream()>>>(k);
+    DFM_CUDA_LAUNCH_CHECK();
+}
+
+template <int D>
+void bwd_t(GpuContext& ctx, BwdK k, const FoldedWeights& w, float wg, float* work) {
+    const int nblk = folded_bwd_nblk<D>(k.n);
+    k.part = work + WL<D>::PART;
+    k.maps = work;
+    folded_bwd_reduce_kernel<D><<<nblk, Cfg<D>::NT, smem_bwd_reduce<D>(), ctx.stream()>>>(k);
+    DFM_CUDA_LAUNCH_CHECK();
+    for (int phase = 0; phase < 5; phase++) {
+        const int nb = phase == 3 ? 1 : ceil_div(phase == 0 ? 2 * D * D + 3 * D + 1 : D * D, 128);
+        folded_bwd_fold_kernel<D><<<nb, phase == 3 ? 1024 : 128, 0, ctx.stream()>>>(phase, k.part, nblk, w, k.st, work,
+                                                                                   k.n, wg, k.t ? 1 : 0);
+        DFM_CUDA_LAUNCH_CHECK();
+    }
+    static const int occ = prepare_dyn(folded_bwd_rows_kernel<D>, smem_bwd_rows<D>());
+    folded_bwd_rows_kernel<D><<<simple_rows_nblk<D>(k.n, 1, occ), Cfg<D>::NT, smem_bwd_rows<D>(), ctx.stream()>>>(k);
+    DFM_CUDA_LAUNCH_CHECK();
+}
+
+int as_rows(Index n) {
+    DFM_CHECK(n < (Index{1} << 31), "folded simple attention: at most 2^31 - 1 rows");
+    return static_cast<int>(n);
+}
+
+}  // namespace
+
+bool folded_supported(Index d) { return d == 16 || d == 32 || d == 64; }
+
+std::size_t folded_stats_floats(Index d) {
+    switch (d) {
+        case 16: return FL<16>::TOTAL;
+        case 32: return FL<32>::TOTAL;
+        case 64: return FL<64>::TOTAL;
+    }
+    fail("folded simple attention: unsupported d = ", d);
+}
+
+std::size_t folded_work_floats(const GpuContext&, Index n, Index d) {
+    const int N = as_rows(std::max<Index>(n, 1));
+    switch (d) {
+        case 16: return folded_work_t<16>(N);
+        case 32: return folded_work_t<32>(N);
+        case 64: return folded_work_t<64>(N);
+    }
+    fail("folded simple attention: unsupported d = ", d);
+}
+
+void folded_fwd_stats(GpuContext& ctx, Index n, Index d, const float* h, const FoldedWeights& w, float* stats,
+                      float* work) {
+    if (n == 0) return;
+    const int N = as_rows(n);
+    switch (d) {
+        case 16: fwd_stats_t<16>(ctx, N, h, w, stats, work); break;
+        case 32: fwd_stats_t<32>(ctx, N, h, w, stats, work); break;
+        case 64: fwd_stats_t<64>(ctx, N, h, w, stats, work); break;
+        default: fail("folded simple attention: unsupported d = ", d);
+    }
+}
+
+void folded_fwd_rows(GpuContext& ctx, const FoldedRowsFwd& a) {
+    if (a.n == 0) return;
+    RowsFwdK k{as_rows(a.n), a.h, a.g, a.rowsum, a.stats, a.wa, a.wg, a.wr, a.z, a.ln, a.gamma, a.beta, a.eps,
+               a.drop_p > 0.0f,
+               static_cast<std::uint32_t>(std::ceil(static_cast<double>(a.drop_p) * (1u << 24))),  // cpu::dropout_fwd
+               a.drop_p < 1.0f ? 1.0f / (1.0f - a.drop_p) : 0.0f, a.seed, a.salt, a.y};
+    DFM_ASSERT(!k.drop || a.seed);
+    DFM_ASSERT(!a.g || a.rowsum);
+    switch (a.d) {
+        case 16: fwd_rows_t<16>(ctx, k); break;
+        case 32: fwd_rows_t<32>(ctx, k); break;
+        case 64: fwd_rows_t<64>(ctx, k); break;
+        default: fail("folded simple attention: unsupported d = ", a.d);
+    }
+}
+
+void folded_bwd(GpuContext& ctx, Index n, Index d, const float* h, const float* d_o, const float* t,
+                const float* stats, const FoldedWeights& w, float wa, float wg, float wr, float* work, float* dh) {
+    if (n == 0) return;
+    BwdK k{as_rows(n), h, d_o, t, stats, work, wa, wr, nullptr, dh};
+    switch (d) {
+        case 16: bwd_t<16>(ctx, k, w, wg, work); break;
+        case 32: bwd_t<32>(ctx, k, w, wg, work); break;
+        case 64: bwd_t<64>(ctx, k, w, wg, work); break;
+        default: fail("folded simple attention: unsupported d = ", d);
+    }
+}
+
+void csr_row_sums(GpuContext& ctx, const CsrView& m, float* r) {
+    if (m.rows == 0) return;
+    csr_row_sums_kernel<<<blocks_for(m.rows, 256, 8 * ctx.sms()), 256, 0, ctx.stream()>>>(m.rows, m.indptr, m.values,
+                                                                                         r);
+    DFM_CUDA_LAUNCH_CHECK();
 }
 
 }  // namespace dfm::cuda

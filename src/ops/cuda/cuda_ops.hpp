@@ -182,14 +182,24 @@ void simple_fused_bwd(GpuContext& ctx, const AttnDims& dm, const float* q, const
 // ---- DIFFormer-a (sigmoid) attention, flash-style ---------------------------------------------------
 // w_ij = sigmoid(q_i . k_j) (no scaling), A_i = sum_j w_ij v_j / r_i, r_i = sum_j w_ij saved in
 // rowsum [n, heads]. Streams key tiles through shared memory: O(n d) memory. d <= 64.
+// Precision of the attention products (the row normaliser r_i is accumulated in fp32 always):
+//   fp32  the fp32 CUDA-core kernels (exact); DIFFORMER_SIGMOID_IMPL=mma: on the tensor cores as
+//         three TF32 products with the operands split hi + lo ("3xTF32"), 1.5x faster but its
+//         error grows with N (2.9e-5 at N = 4099 against 1.2e-6; tests/test_cuda_attention.cpp)
+//   tf32  operands rounded to TF32, fp32 accumulation (about 3e-4 relative error)
+//   bf16  operands rounded to bf16, fp32 accumulation (about 3e-3)
+// tf32 and bf16 run mma.sync kernels with the score tile in registers (attn_sigmoid_tc.cuh);
+// DIFFORMER_SIGMOID_IMPL=wmma selects the WMMA kernels (scores through shared memory).
+enum class AttnPrecision { fp32, tf32, bf16 };
 void sigmoid_attn_fwd(GpuContext& ctx, const AttnDims& dm, const float* q, const float* k, const float* v, float* a,
-                      float* rowsum);
+                      float* rowsum, AttnPrecision prec = AttnPrecision::fp32);
 // dq, dk overwritten; dq may alias q (each query tile is read before its gradient is written),
 // nothing else may alias; dv = dv_beta * dv + the attention's part.
 // delta: [n, heads] floats of workspace. dA as in simple_attn_bwd.
 void sigmoid_attn_bwd(GpuContext& ctx, const AttnDims& dm, const float* q, const float* k, const float* v,
                       const float* a, const float* rowsum, const float* da, Index da_ld, Index da_head_stride,
-                      float da_scale, float* dq, float* dk, float* dv, float dv_beta, float* delta);
+                      float da_scale, float* dq, float* dk, float* dv, float dv_beta, float* delta,
+                      AttnPrecision prec = AttnPrecision::fp32);
 int sigmoid_attn_max_d();
 
 }  // namespace dfm::cuda

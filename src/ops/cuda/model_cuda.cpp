@@ -10,8 +10,11 @@
 // h_l, dh_{l+1}, dh_l backward); q, k, a: [N, H*D]; v [N, H*D] with use_weight; g [N, Hv*D]
 // (graph term forward, value gradient backward). Backward writes dQ and dK in place of Q and K,
 // and dlogits in place of the logits (unless the loss runs over an index subset).
-// DIFFormer-s with the official global norm, one head and d in {16, 32, 64} takes the fused
-// kernels of attn_simple_fused.cu (DIFFORMER_SIMPLE_UNFUSED=1 forces the cuBLAS path).
+// DIFFormer-s with the official global norm, one head and d in {16, 32, 64} takes the folded layer
+// (simple_folded.hpp, docs/ALGEBRA.md "On the GPU"): no Q, K, V, A or g buffer at all, only
+// rbuf[0..1] and z (4 [N, D] buffers for 2 layers). DIFFORMER_SIMPLE_FOLDED=0 falls back to the
+// fused kernels of attn_simple_fused.cu over materialised Q, K, V; DIFFORMER_SIMPLE_UNFUSED=1
+// forces the cuBLAS path.
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
@@ -19,6 +22,7 @@
 #include <cstring>
 
 #include "ops/cuda/cuda_ops.hpp"
+#include "ops/cuda/simple_folded.hpp"
 #include "ops/cuda_backend.hpp"
 
 namespace dfm::cuda {
@@ -29,7 +33,11 @@ constexpr float kLayerNormEps = 1e-5f;  // as difformer.cpp
 Precision parse_precision(const std::string& s) {
   if (s == "fp32") return Precision::fp32;
   if (s == "tf32") return Precision::tf32;
-  fail("--precision: unknown value '", s, "', expected fp32 or tf32");
+  if (s == "bf16") return Precision::tf32;  // cuBLAS GEMMs on TF32; the sigmoid attention in bf16
+  fail("--precision: unknown value '", s, "', expected fp32, tf32 or bf16");
+}
+AttnPrecision attn_precision(const std::string& s) {
+  return s == "bf16" ? AttnPrecision::bf16 : (s == "tf32" ? AttnPrecision::tf32 : AttnPrecision::fp32);
 }
 
 struct DevCsr {
@@ -93,6 +101,10 @@ struct Model::Impl {
   std::vector<DeviceBuffer<float>> z, stats, den, a_saved, rowsum;  // z[0] stays empty (recomputed)
   DeviceBuffer<float> rbuf[3], q, k, v, a, g, qn, kn, qnorm, knorm, dden, fused_work, logits, dlogits;
   bool fused = false;  // DIFFormer-s through attn_simple_fused.cu
+  // DIFFormer-s with every projection folded (simple_folded.hpp): only rbuf[0..1], z and these
+  bool folded = false;
+  std::vector<DeviceBuffer<float>> fstats;
+  DeviceBuffer<float> fwork, rsum;
 
   // fwd_done: z_0..z_L and the logits hold the last forward. bwd_ready: the rotating buffers
   // still hold h_{L-1}, h_L (backward consumes them; a second backward needs a new forward).
@@ -106,7 +118,7 @@ struct Model::Impl {
   Impl(const ModelConfig& c, const DeviceOptions& o)
       : cfg(c), opt(o), ctx(parse_precision(o.precision), o.device) {
     cfg.validate();
-    DFM_CHECK(cfg.hidden <= 256, "--device cuda: hidden width ", cfg.hidden, " is not supported (at most 256)");
+    DFM_CHECK(cfg.hidden <= 512, "--device cuda: hidden width ", cfg.hidden, " is not supported (at most 512)");
     DFM_CHECK(cfg.kernel != Kernel::sigmoid || cfg.hidden <= sigmoid_attn_max_d(),
               "--device cuda: the sigmoid kernel supports --hidden up to ", sigmoid_attn_max_d(), " (got ",
               cfg.hidden, ")");
@@ -219,11 +231,28 @@ struct Model::Impl {
   void allocate_activations() {
     auto T = [&](Index cols) { return DeviceBuffer<float>(ctx, static_cast<std::size_t>(std::max<Index>(n * cols, 1))); };
     const int L = cfg.layers;
-    z.clear(), stats.clear(), den.clear(), a_saved.clear(), rowsum.clear();
-    for (auto& b : {&q, &k, &v, &a, &g, &qn, &kn, &qnorm, &knorm, &dden, &fused_work, &logits, &dlogits}) b->reset();
+    z.clear(), stats.clear(), den.clear(), a_saved.clear(), rowsum.clear(), fstats.clear();
+    for (auto& b : {&q, &k, &v, &a, &g, &qn, &kn, &qnorm, &knorm, &dden, &fused_work, &logits, &dlogits, &fwork, &rsum})
+      b->reset();
     for (auto& b : rbuf) b.reset();
     z.emplace_back();  // z_0 is recomputed from x when needed
     for (int l = 1; l <= L; ++l) z.push_back(T(D));
+    const char* no_fold = std::getenv("DIFFORMER_SIMPLE_FOLDED");
+    const char* unfused_env = std::getenv("DIFFORMER_SIMPLE_UNFUSED");
+    folded = attention() && simple() && norm() == Norm::global && H == 1 && ca == 1.0f && folded_supported(D) &&
+             !(no_fold && std::string(no_fold) == "0") && !(unfused_env && std::string(unfused_env) == "1");
+    if (folded) {  // two rotating [n, D] buffers besides z: see folded_layer_forward / folded_backward_body
+      fused = false;
+      rbuf[0] = T(D), rbuf[1] = T(D);
+      for (int l = 0; l < L; ++l) fstats.emplace_back(ctx, folded_stats_floats(D));
+      fwork = DeviceBuffer<float>(ctx, folded_work_floats(ctx, n, D));
+      if (cfg.use_graph) {
+        rsum = T(1);
+        csr_row_sums(ctx, adj.view, rsum.data());
+      }
+      logits = T(C);
+      return;
+    }
     for (auto& b : rbuf) b = T(D);
     if (attention()) {
       q = T(HD), k = T(HD), a = T(HD), dden = T(H);
@@ -313,7 +342,8 @@ struct Model::Impl {
         simple_attn_fwd(ctx, dims(), norm(), q.data(), k.data(), vp, a.data(), s);
         att = a.data();
       } else {
-        sigmoid_attn_fwd(ctx, dims(), q.data(), k.data(), vp, a_saved[l].data(), rowsum[l].data());
+        sigmoid_attn_fwd(ctx, dims(), q.data(), k.data(), vp, a_saved[l].data(), rowsum[l].data(),
+                         attn_precision(opt.precision));
         att = a_saved[l].data();
       }
     }
@@ -336,10 +366,89 @@ struct Model::Impl {
 
   float* hidden_buf(int j) { return rbuf[j % 2].data(); }
 
+  // ---- folded DIFFormer-s (simple_folded.hpp) --------------------------------------------------
+  // Forward of layer l: h in rbuf[l % 2]; g = adj h goes to rbuf[(l+1) % 2], which then receives
+  // h_{l+1} in place; z_{l+1} is saved. Nothing else of size N is written.
+  FoldedWeights folded_weights(int l) {
+    const LayerOff& o = lay[l];
+    FoldedWeights w;
+    w.wq = P(o.wq), w.bq = P(o.bq), w.wk = P(o.wk), w.bk = P(o.bk);
+    w.dwq = G(o.wq), w.dbq = G(o.bq), w.dwk = G(o.wk), w.dbk = G(o.bk);
+    if (cfg.use_weight) w.wv = P(o.wv), w.bv = P(o.bv), w.dwv = G(o.wv), w.dbv = G(o.bv);
+    return w;
+  }
+
+  void folded_layer_forward(int l, bool training, const float* h, float* out) {
+    const LayerOff& o = lay[l];
+    folded_fwd_stats(ctx, n, D, h, folded_weights(l), fstats[l].data(), fwork.data());
+    if (cfg.use_graph) spmm(ctx, adj.view, h, D, D, out, D, 1.0f, 0.0f);
+    FoldedRowsFwd r;
+    r.n = n, r.d = D, r.h = h;
+    r.g = cfg.use_graph ? out : nullptr;
+    r.rowsum = cfg.use_graph ? rsum.data() : nullptr;
+    r.stats = fstats[l].data();
+    r.wa = scale * ca / static_cast<float>(H), r.wg = scale * cg, r.wr = keep_in;
+    r.z = z[l + 1].data();
+    r.ln = cfg.use_ln;
+    r.gamma = P(o.ln_g), r.beta = P(o.ln_b), r.eps = kLayerNormEps;
+    r.drop_p = drop_p(training);
+    r.seed = seed.data();
+    r.salt = static_cast<std::uint64_t>(l + 1);
+    r.y = out;
+    folded_fwd_rows(ctx, r);
+  }
+
+  // Backward with two [n, D] buffers besides z: dh stays in rbuf[L % 2] (h_L, then dh_L .. dh_0 in
+  // place); h_l is rebuilt in the other one (h_{L-1} is still there after the forward); t = adj^T d_o
+  // goes into z_{l+1}, dead once the LayerNorm backward has read it.
+  void folded_backward_body() {
+    const int L = cfg.layers;
+    float* dh = hidden_buf(L);
+    float* hb = rbuf[(L + 1) % 2].data();
+    linear_bwd(ctx, dh, n, D, P(fc_out_w), C, dlogits_buf(), nullptr, 0.0f, G(fc_out_w), G(fc_out_b));
+    linear_bwd(ctx, dh, n, D, P(fc_out_w), C, dlogits_buf(), dh, 0.0f, nullptr, nullptr);  // h_L no longer needed
+    for (int l = L - 1; l >= 0; --l) {
+      if (l < L - 1) {
+        if (l == 0) {
+          compute_z0(hb);
+          row_norm_fwd(ctx, hidden_norm(0, fwd_training, hb, hb));
+        } else {
+          row_norm_fwd(ctx, hidden_norm(l, fwd_training, z[l].data(), hb));
+        }
+      }
+      const LayerOff& o = lay[l];
+      RowNormBwd r;
+      r.n = n, r.d = D;
+      r.dy = dh;
+      r.z = z[l + 1].data();
+      r.ln = cfg.use_ln;
+      r.gamma = P(o.ln_g), r.beta = P(o.ln_b), r.eps = kLayerNormEps;
+      r.dgamma = G(o.ln_g), r.dbeta = G(o.ln_b);
+      r.drop_p = drop_p(fwd_training);
+      r.seed = seed.data();
+      r.salt = static_cast<std::uint64_t>(l + 1);
+      r.out1 = dh, r.s1 = 1.0f;  // d_o = dz, in place
+      row_norm_bwd(ctx, r);
+      float* t = nullptr;
+      if (cfg.use_graph) {
+        t = z[l + 1].data();
+        spmm(ctx, adjt_view, dh, D, D, t, D, 1.0f, 0.0f);
+      }
+      folded_bwd(ctx, n, D, hb, dh, t, fstats[l].data(), folded_weights(l), scale * ca / static_cast<float>(H),
+                 scale * cg, keep_in, fwork.data(), dh);
+    }
+    input_backward(dh, hb);
+  }
+
   void forward_body(bool training) {
     DFM_CHECK(n > 0, "model: set_input() first");
     input_forward(training);
-    for (int l = 0; l < cfg.layers; ++l) layer_forward(l, training, hidden_buf(l), hidden_buf(l + 1));
+    for (int l = 0; l < cfg.layers; ++l) {
+      if (folded)
+        folded_layer_forward(l, training, hidden_buf(l), hidden_buf(l + 1));
+      else
+        layer_forward(l, training, hidden_buf(l), hidden_buf(l + 1));
+    }
     linear_fwd(ctx, hidden_buf(cfg.layers), n, D, P(fc_out_w), C, P(fc_out_b), logits.data());
     fwd_done = bwd_ready = true;
     fwd_training = training;
@@ -395,7 +504,7 @@ struct Model::Impl {
         dk = k.data();
       } else {
         sigmoid_attn_bwd(ctx, dims(), q.data(), k.data(), vp, a_saved[l].data(), rowsum[l].data(), d_o, D, 0,
-                         da_scale, q.data(), a.data(), g.data(), 0.0f, dden.data());
+                         da_scale, q.data(), a.data(), g.data(), 0.0f, dden.data(), attn_precision(opt.precision));
         dk = a.data();
       }
       dv_valid = true;
@@ -420,6 +529,10 @@ struct Model::Impl {
   void backward_body() {
     DFM_CHECK(bwd_ready, "model: backward() needs a forward() first (one backward per forward)");
     bwd_ready = false;
+    if (folded) {
+      folded_backward_body();
+      return;
+    }
     const int L = cfg.layers;
     // the three rotating buffers: h_L sits in hidden_buf(L), h_{L-1} in hidden_buf(L-1)
     float* dh = rbuf[2].data();
@@ -437,7 +550,11 @@ struct Model::Impl {
       free_buf = dh;
       dh = out;
     }
-    // input block: dh = dh_0; z_0 once more into the free buffer
+    input_backward(dh, free_buf);
+  }
+
+  // input block: dh = dh_0 (overwritten); z_0 once more into free_buf
+  void input_backward(float* dh, float* free_buf) {
     compute_z0(free_buf);
     RowNormBwd r;
     r.n = n, r.d = D;

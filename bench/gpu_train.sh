@@ -6,7 +6,7 @@
 # BIN_DIR holds difformer, difformer_tests and lib/ (shared libraries the machine may lack; each is
 # used only when the machine has none). Run from the repository root (data/ and tests/fixtures);
 # SOURCE_DIR: the source path difformer_tests was configured with (DIFFORMER_SOURCE_DIR), linked
-# to this checkout when it does not exist here.
+# to this checkout when it does not exist here. TEST_FILTER: the gtest filter (default *Cuda*).
 set -uo pipefail
 BIN=$(cd "$1" && pwd)
 OUT=${2:-${OUT:-out/gpu_train}}
@@ -30,7 +30,7 @@ D=$BIN/difformer
   "$D" synth --nodes 2000000 --avg-degree 19 --features 65 --classes 2 --seed 1 --out /tmp/m2.npz ) >/tmp/synth.log 2>&1 &
 SYNTH=$!
 say "CUDA tests"
-timeout 120 "$BIN/difformer_tests" --gtest_filter='*Cuda*' >"$OUT/tests.log" 2>&1
+timeout 120 "$BIN/difformer_tests" --gtest_filter="${TEST_FILTER:-*Cuda*}" >"$OUT/tests.log" 2>&1
 say "tests exit $?: $(grep -E '^\[  (PASSED|FAILED)  \]' "$OUT/tests.log" | tr '\n' ' ')"
 grep -E '^\[  FAILED  \]|CoraEpochsMatchCpu:' "$OUT/tests.log" | tee -a "$LOG"
 

@@ -25,7 +25,8 @@ namespace {
 // step is zero_grad + forward + cross-entropy over all N + backward + Adam, all on the device
 // (captured in a CUDA graph after the first step). Timed twice: each step synchronised on its own
 // (median, min), and a loop of steps synchronised at the ends (mean, as the PyTorch peer times).
-// Environment: DIFFORMER_PRECISION=fp32|tf32, DIFFORMER_CUDA_GRAPH=0 to run eagerly.
+// --precision fp32|tf32|bf16 fills cuda::DeviceOptions::precision; environment:
+// DIFFORMER_CUDA_GRAPH=0 to run eagerly.
 int run_bench_cuda(const BenchFlags& f, const ModelFlags& mf) {
   using clock = std::chrono::steady_clock;
   Context ctx(0, f.threads);
@@ -43,7 +44,7 @@ int run_bench_cuda(const BenchFlags& f, const ModelFlags& mf) {
   const double data_s = std::chrono::duration<double>(clock::now() - t_data).count();
 
   cuda::DeviceOptions opt;
-  if (const char* e = std::getenv("DIFFORMER_PRECISION")) opt.precision = e;
+  opt.precision = f.precision;
   if (const char* e = std::getenv("DIFFORMER_CUDA_GRAPH")) opt.cuda_graph = std::string(e) != "0";
   cuda::Model gpu(cfg, opt);
   gpu.upload_params(model.params);
@@ -100,6 +101,7 @@ int run_bench_cuda(const BenchFlags& f, const ModelFlags& mf) {
 
 int run_bench(const BenchFlags& f, const ModelFlags& mf) {
   DFM_CHECK(f.device == "cpu" || f.device == "cuda", "--device: expected cpu or cuda, got '", f.device, "'");
+  validate_precision(f.device, f.precision);
   if (f.device == "cuda") {
     cuda::require();
     DFM_CHECK(f.nodes >= 2, "--nodes must be >= 2");
@@ -145,6 +147,8 @@ int run_bench(const BenchFlags& f, const ModelFlags& mf) {
   if (!f.json_out.empty()) {
     json j{{"command", "bench"},
            {"device", "cpu"},
+           {"precision", "fp32"},
+           {"peak_device_bytes", 0},
            {"nodes", f.nodes},
            {"features", f.features},
            {"classes", f.classes},

@@ -10,7 +10,7 @@ namespace dfm::cli {
 
 struct TrainFlags {
   std::string save_path;  // --save: checkpoint of the best run (node classification)
-  std::string data, split = "random", splits_file, json_out, device = "cpu";
+  std::string data, split = "random", splits_file, json_out, device = "cpu", precision = "fp32";
   std::string preset, data_dir = "data", task = "auto", knn_metric = "euclidean";
   int epochs = 500, runs = 5, threads = 0, eval_every = 1, per_class = 20, val = 500, test = 1000;
   int knn = 0;        // 0: no kNN graph
@@ -26,7 +26,7 @@ struct BenchFlags {
   Index nodes = 10000, features = 128, classes = 10;
   double avg_degree = 10.0;
   int steps = 10, warmup = 2, threads = 0;
-  std::string json_out, device = "cpu";
+  std::string json_out, device = "cpu", precision = "fp32";
 };
 
 // Applies --preset and the task's protocol defaults to the options of `train` that the user did

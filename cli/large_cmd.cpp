@@ -10,7 +10,9 @@
 #include "core/memory.hpp"
 #include "data/ogb.hpp"
 #include "io/files.hpp"
+#include "ops/cuda_backend.hpp"
 #include "train/large.hpp"
+#include "train/trainer.hpp"
 
 namespace dfm::cli {
 
@@ -90,6 +92,10 @@ int run_train_large(LargeFlags f, const CLI::App* sub) {
   DFM_CHECK(f.epochs >= 0, "--epochs must be >= 0 (got ", f.epochs, ")");
   DFM_CHECK(f.batch_size >= 0, "--batch-size must be >= 0 (got ", f.batch_size, ")");
   const SplitSpec sp = parse_split(f.split);
+  DFM_CHECK(f.device == "cpu" || f.device == "cuda", "--device: expected cpu or cuda, got '", f.device, "'");
+  validate_precision(f.device, f.precision);
+  const bool gpu = f.device == "cuda";
+  if (gpu) cuda::require();
   Context ctx(f.seed, f.threads);
 
   // ---- data ----
@@ -104,6 +110,8 @@ int run_train_large(LargeFlags f, const CLI::App* sub) {
   const bool has_graph = d.graph.edges() > 0;
   const ModelConfig cfg = f.model.config(d.features, d.targets.outputs(), has_graph);
   const Metric metric = f.metric.empty() ? default_metric(d.targets) : parse_metric(f.metric);
+  DFM_CHECK(!gpu || !d.targets.multilabel, "--device cuda: ", f.data, " has multi-label targets (binary cross-entropy, "
+            "ROC-AUC); the GPU model trains single-label (cross-entropy) tasks only so far; use --device cpu");
   const bool use_file = sp.kind == SplitSpec::kFile || (sp.kind == SplitSpec::kDefault && !d.file_splits.empty());
   if (use_file)
     DFM_CHECK(!d.file_splits.empty(), d.path, ": --split file, but the data has no split (train_idx/val_idx/test_idx "
@@ -152,7 +160,7 @@ int run_train_large(LargeFlags f, const CLI::App* sub) {
                 kernel_name(cfg.kernel), cfg.layers, (long long)cfg.hidden, cfg.heads, cfg.use_weight ? "on" : "off",
                 cfg.use_graph ? "on" : "off", f.preset.empty() ? "no preset" : ("preset " + f.preset).c_str(),
                 (long long)batch, (long long)chunks, metric_name(metric), split_desc.c_str(),
-                lean && lean_supported(cfg) ? "lean" : "model");
+                gpu ? ("cuda, " + f.precision).c_str() : lean && lean_supported(cfg) ? "lean" : "model");
   }
   std::printf("memory estimate: data %s + max(train step %s, evaluation %s) = %s (now resident: %s)\n",
               format_bytes(est.data).c_str(), format_bytes(est.train_step).c_str(), format_bytes(est.eval).c_str(),
@@ -178,9 +186,12 @@ int run_train_large(LargeFlags f, const CLI::App* sub) {
   opt.metric = metric;
   opt.lean = lean;
   opt.lean_eval = f.eval_path == "lean";
+  opt.device = f.device;
+  opt.precision = f.precision;
 
   std::vector<double> tests, epoch_s, eval_s;
-  std::int64_t train_peak = 0, eval_peak = 0;
+  std::int64_t train_peak = 0, eval_peak = 0, peak_device = 0;
+  int gpu_evals = 0, cpu_evals = 0;
   json runs = json::array();
   for (int r = 0; r < f.runs; ++r) {
     const std::uint64_t seed = f.seed + static_cast<std::uint64_t>(r);
@@ -202,6 +213,9 @@ int run_train_large(LargeFlags f, const CLI::App* sub) {
     for (double s : res.eval_seconds) eval_s.push_back(s);
     train_peak = std::max(train_peak, res.train_peak_rss);
     eval_peak = std::max(eval_peak, res.eval_peak_rss);
+    peak_device = std::max(peak_device, res.peak_device_bytes);
+    gpu_evals += res.gpu_evals;
+    cpu_evals += res.cpu_evals;
     runs.push_back(json{{"seed", seed},
                         {"split", split_desc},
                         {"train_nodes", split.train.size()},
@@ -215,7 +229,8 @@ int run_train_large(LargeFlags f, const CLI::App* sub) {
                         {"seconds_per_epoch", median_of(res.epoch_seconds)},
                         {"eval_seconds", median_of(res.eval_seconds)},
                         {"train_peak_rss_bytes", res.train_peak_rss},
-                        {"eval_peak_rss_bytes", res.eval_peak_rss}});
+                        {"eval_peak_rss_bytes", res.eval_peak_rss},
+                        {"peak_device_bytes", res.peak_device_bytes}});
   }
   auto finite = [](double v) { return std::isfinite(v) ? json(v) : json(nullptr); };
   const double mean = mean_of(tests), sd = std_of(tests);
@@ -223,6 +238,9 @@ int run_train_large(LargeFlags f, const CLI::App* sub) {
               "(training %s, evaluation %s)\n",
               metric_name(metric), mean, sd, f.runs, median_of(epoch_s), median_of(eval_s),
               format_bytes(lifetime_peak_rss_bytes()).c_str(), format_bytes(train_peak).c_str(), format_bytes(eval_peak).c_str());
+  if (gpu)
+    std::printf("device cuda (%s): peak device memory %s; %d evaluation(s) on the GPU, %d on the CPU\n",
+                f.precision.c_str(), format_bytes(peak_device).c_str(), gpu_evals, cpu_evals);
   if (!f.json_out.empty()) {
     json j{{"command", "train-large"},
            {"data", f.data},
@@ -250,8 +268,13 @@ int run_train_large(LargeFlags f, const CLI::App* sub) {
            {"train_peak_rss_bytes", train_peak},
            {"eval_peak_rss_bytes", eval_peak},
            {"estimate", j_est},
-           {"path", lean && lean_supported(cfg) ? "lean" : "model"},
+           {"path", gpu ? "cuda" : lean && lean_supported(cfg) ? "lean" : "model"},
            {"eval_path", f.eval_path == "lean" && lean_supported(cfg) ? "lean" : "model"},
+           {"device", f.device},
+           {"precision", f.precision},
+           {"peak_device_bytes", peak_device},
+           {"gpu_evaluations", gpu_evals},
+           {"cpu_evaluations", cpu_evals},
            {"threads", f.threads},
            {"model", config_json(cfg)},
            {"optim", {{"lr", f.lr}, {"weight_decay", f.weight_decay}}},
@@ -301,6 +324,11 @@ CLI::App* add_train_large_command(CLI::App& app, LargeFlags& f) {
                     "(DIFFormer::forward without state; for comparisons)")
       ->capture_default_str();
   large->add_flag("--estimate-only", f.estimate_only, "load, print the memory estimate, and stop");
+  large->add_option("--device", f.device,
+                    "cpu or cuda (cuda: every training step on the GPU, full-graph evaluation there when it fits, "
+                    "else on the CPU; single-label tasks)")
+      ->capture_default_str();
+  large->add_option("--precision", f.precision, "cuda: fp32, tf32 or bf16; cpu: fp32 only")->capture_default_str();
   large->add_option("--threads", f.threads, "CPU threads (0: all)")->capture_default_str();
   large->add_option("--json", f.json_out, "write the results as JSON here");
   large->add_flag("--quiet", f.quiet, "only the summary line");

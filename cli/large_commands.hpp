@@ -27,6 +27,7 @@ struct LargeFlags {
   float lr = 1e-2f, weight_decay = 0.0f;
   std::string path = "lean";  // lean | model | auto
   std::string eval_path = "lean";  // lean | model
+  std::string device = "cpu", precision = "fp32";
   double step_budget_mb = 1024;
   bool undirected = false, no_self_loops = false, quiet = false, estimate_only = false;
   bool no_weight = false;

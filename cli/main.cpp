@@ -58,6 +58,9 @@ int main(int argc, char** argv) {
   train->add_option("--eval-every", tf.eval_every, "evaluate every K epochs")->capture_default_str();
   train->add_option("--threads", tf.threads, "CPU threads (0: all)")->capture_default_str();
   train->add_option("--device", tf.device, "cpu or cuda")->capture_default_str();
+  train->add_option("--precision", tf.precision,
+                    "cuda: fp32 (true single precision), tf32 (tensor-core GEMMs) or bf16; cpu: fp32 only")
+      ->capture_default_str();
   train->add_option("--json", tf.json_out, "write the results as JSON here");
   train->add_flag("--quiet", tf.quiet, "only the summary line");
 
@@ -79,6 +82,7 @@ int main(int argc, char** argv) {
   bench->add_option("--warmup", bf.warmup, "untimed steps first")->capture_default_str();
   bench->add_option("--threads", bf.threads, "CPU threads (0: all)")->capture_default_str();
   bench->add_option("--device", bf.device, "cpu or cuda")->capture_default_str();
+  bench->add_option("--precision", bf.precision, "cuda: fp32, tf32 or bf16; cpu: fp32 only")->capture_default_str();
   bench->add_option("--json", bf.json_out, "write the results as JSON here");
   bench_model.add(bench);
   bench->add_flag("--no-weight", [&](std::int64_t) { bench_model.use_weight = false; }, "no value projection");

@@ -54,6 +54,8 @@ json settings_json(const TrainFlags& f) {
               {"runs", f.runs},
               {"seed", f.seed},
               {"threads", f.threads},
+              {"device", f.device},
+              {"precision", f.precision},
               {"split", f.split},
               {"splits_file", f.splits_file},
               {"split_seed", f.split_seed},
@@ -126,6 +128,8 @@ int train_classification(const TrainFlags& f, const ModelFlags& mf) {
   opt.adam.lr = f.lr;
   opt.adam.weight_decay = f.weight_decay;
   opt.eval_every = f.eval_every;
+  const bool gpu = f.device == "cuda";
+  std::int64_t peak_device = 0;
   std::vector<double> tests, ms;
   json runs = json::array();
   double best_val = -1.0;
@@ -149,7 +153,12 @@ int train_classification(const TrainFlags& f, const ModelFlags& mf) {
     DIFFormer model(cfg);
     std::mt19937_64 rng(seed);
     model.init(rng);
-    const RunResult res = train_node_classifier(model, in, d.y, split, opt, seed);
+    // The same initial weights, dropout masks and protocol on either device.
+    auto backend = gpu ? make_cuda_backend(model, in, d.y, split, opt.adam, f.precision)
+                       : make_cpu_backend(model, in, d.y, split, opt.adam);
+    const RunResult res = train_node_classifier(*backend, d.y, split, opt, seed);
+    backend.reset();  // frees the device memory before the next run
+    peak_device = std::max(peak_device, res.peak_device_bytes);
     if (!f.save_path.empty() && res.val > best_val) {  // --save keeps the best run's best epoch
       best_val = res.val;
       model.params.values = res.best_params;
@@ -169,7 +178,8 @@ int train_classification(const TrainFlags& f, const ModelFlags& mf) {
                         {"val", 100.0 * res.val},
                         {"test", 100.0 * res.test},
                         {"ms_per_epoch", res.ms_per_epoch},
-                        {"seconds", res.seconds}});
+                        {"seconds", res.seconds},
+                        {"peak_device_bytes", res.peak_device_bytes}});
     if (!f.quiet)
       std::printf("run %d/%d seed %llu split %s (%zu/%zu/%zu): best epoch %d, val %.2f, test %.2f  (%.1f s, %.2f "
                   "ms/epoch)\n",
@@ -178,8 +188,10 @@ int train_classification(const TrainFlags& f, const ModelFlags& mf) {
     std::fflush(stdout);
   }
   const double mean = mean_of(tests), sd = std_of(tests);
-  std::printf("test accuracy: %.2f +- %.2f over %d run(s) (median %.2f); %.2f ms/epoch; peak RSS %.1f MB\n", mean, sd,
+  std::printf("test accuracy: %.2f +- %.2f over %d run(s) (median %.2f); %.2f ms/epoch; peak RSS %.1f MB", mean, sd,
               f.runs, median_of(tests), median_of(ms), peak_rss_bytes() / 1048576.0);
+  if (gpu) std::printf("; peak device %.1f MB (%s)", peak_device / 1048576.0, f.precision.c_str());
+  std::printf("\n");
   if (!f.json_out.empty()) {
     json j{{"command", "train"},
            {"data", f.data},
@@ -193,6 +205,9 @@ int train_classification(const TrainFlags& f, const ModelFlags& mf) {
            {"ms_per_epoch", median_of(ms)},
            {"seconds_per_epoch", median_of(ms) / 1000.0},
            {"peak_rss_bytes", peak_rss_bytes()},
+           {"device", f.device},
+           {"precision", f.precision},
+           {"peak_device_bytes", peak_device},
            {"threads", f.threads},
            {"model", config_json(cfg)},
            {"optim", {{"lr", f.lr}, {"weight_decay", f.weight_decay}, {"epochs", f.epochs}}},
@@ -297,6 +312,9 @@ int train_temporal_task(const TrainFlags& f, const ModelFlags& mf) {
            {"ms_per_epoch", median_of(ms)},
            {"seconds_per_epoch", median_of(ms) / 1000.0},
            {"peak_rss_bytes", peak_rss_bytes()},
+           {"device", "cpu"},
+           {"precision", "fp32"},
+           {"peak_device_bytes", 0},
            {"threads", threads},
            {"model", config_json(cfg)},
            {"optim", {{"lr", f.lr}, {"weight_decay", f.weight_decay}, {"epochs", f.epochs}}},
@@ -375,8 +393,11 @@ void configure_train(CLI::App* train, TrainFlags& f) {
 }
 
 int run_train(const TrainFlags& f, const ModelFlags& mf) {
-  if (f.device == "cuda") cuda::require();
   DFM_CHECK(f.device == "cpu" || f.device == "cuda", "--device: expected cpu or cuda, got '", f.device, "'");
+  validate_precision(f.device, f.precision);
+  DFM_CHECK(f.device != "cuda" || f.task != "temporal", "--device cuda: temporal task not supported yet (use --device "
+            "cpu)");
+  if (f.device == "cuda") cuda::require();
   print_notes(f);
   if (!f.preset.empty() && !f.quiet) {
     std::string s;

@@ -16,13 +16,19 @@
 #include <numeric>
 #include <random>
 
+#include "data/dataset.hpp"
 #include "data/npz.hpp"
+#include "data/ogb.hpp"
+#include "data/synth_sbm.hpp"
 #include "model/difformer.hpp"
 #include "ops/cuda/cuda_ops.hpp"
 #include "ops/cuda_backend.hpp"
 #include "ops/ops.hpp"
 #include "test_util.hpp"
 #include "train/adam.hpp"
+#include "train/large.hpp"
+#include "train/minibatch.hpp"
+#include "train/trainer.hpp"
 
 namespace dfm {
 namespace {
@@ -846,6 +852,141 @@ TEST(CudaModel, RejectsBadInput) {
   ModelConfig big = cfg;
   big.kernel = Kernel::sigmoid, big.hidden = 128;
   EXPECT_THROW(cuda::Model bad(big), Error);
+}
+
+// ---- training drivers on the GPU -------------------------------------------------------------------
+// `difformer train --device cuda`: the shared protocol (train_node_classifier over a backend) on
+// Cora with the GPU backend against the CPU backend, from the same initial weights and with the
+// same dropout masks: every epoch's loss within 1e-4 relative, every epoch's accuracies within
+// half a point, the best-validation selection alike.
+TEST(CudaTrain, CoraEpochsMatchCpu) {
+  SKIP_WITHOUT_GPU();
+  Dataset d = load_node_dataset(test::source_path("data/cora.npz"));
+  row_normalise(d);
+  citation_graph(d);
+  choose_feature_layout(d);
+  ASSERT_TRUE(d.sparse);
+  ModelConfig cfg;
+  cfg.in_features = d.features, cfg.out_features = d.classes;
+  cfg.hidden = 64, cfg.layers = 4, cfg.dropout = 0.2f, cfg.kernel = Kernel::simple;
+  cfg.validate();
+  const GraphOp graph = graph_operator(d);
+  ModelInput in;
+  in.sparse = &d.xs;
+  in.sparse_t = &d.xs_t;
+  in.graph = &graph;
+  const Split split = load_split_file(test::source_path("data/splits/cora_random10.npz"), 0, d.n);
+  TrainOptions opt;
+  opt.epochs = 40;
+  opt.adam = AdamOptions{5e-3f, 5e-4f};
+  std::vector<EpochReport> rc, rg;
+  DIFFormer a(cfg), b(cfg);
+  std::mt19937_64 ra(7), rb(7);
+  a.init(ra), b.init(rb);
+  auto cpu_backend = make_cpu_backend(a, in, d.y, split, opt.adam);
+  const RunResult c = train_node_classifier(*cpu_backend, d.y, split, opt, 7, [&](const EpochReport& e) { rc.push_back(e); });
+  auto gpu_backend = make_cuda_backend(b, in, d.y, split, opt.adam, "fp32");
+  const RunResult g = train_node_classifier(*gpu_backend, d.y, split, opt, 7, [&](const EpochReport& e) { rg.push_back(e); });
+  ASSERT_EQ(rc.size(), rg.size());
+  double worst = 0;
+  for (size_t e = 0; e < rc.size(); ++e) {
+    const double rel = std::abs(rg[e].loss - rc[e].loss) / std::abs(rc[e].loss);
+    worst = std::max(worst, rel);
+    EXPECT_LE(rel, 1e-4) << "epoch " << e << " loss gpu " << rg[e].loss << " cpu " << rc[e].loss;
+    EXPECT_NEAR(rg[e].train, rc[e].train, 0.005) << "epoch " << e;
+    EXPECT_NEAR(rg[e].val, rc[e].val, 0.005) << "epoch " << e;
+    EXPECT_NEAR(rg[e].test, rc[e].test, 0.005) << "epoch " << e;
+  }
+  std::printf("CoraEpochsMatchCpu: worst relative loss difference %.2e over %zu epochs; best epoch cpu %d gpu %d, "
+              "test cpu %.2f gpu %.2f; %.2f vs %.2f ms/epoch\n",
+              worst, rc.size(), c.best_epoch, g.best_epoch, 100 * c.test, 100 * g.test, c.ms_per_epoch,
+              g.ms_per_epoch);
+  EXPECT_GT(rc.back().val, 0.6) << "the run must learn for the comparison to mean something";
+  EXPECT_NEAR(g.val, c.val, 0.005);
+  EXPECT_NEAR(g.test, c.test, 0.005);
+  EXPECT_EQ(g.best_params.size(), c.best_params.size());
+  if (g.best_epoch == c.best_epoch) {
+    EXPECT_LE(rel_err(Eigen::Map<const Vec>(g.best_params.data(), g.best_params.size()),
+                      Eigen::Map<const Vec>(c.best_params.data(), c.best_params.size())),
+              1e-3);
+  }
+  EXPECT_GT(g.peak_device_bytes, 0);
+  EXPECT_EQ(c.peak_device_bytes, 0);
+}
+
+LargeDataset sbm_dataset(Index n, Index classes, std::uint64_t seed) {
+  SbmOptions o;
+  o.nodes = n, o.avg_degree = 6, o.features = 12, o.classes = classes, o.homophily = 0.8, o.signal = 1.0, o.seed = seed;
+  const SbmGraph sg = make_sbm(o);
+  LargeDataset d;
+  d.n = sg.x.rows();
+  d.features = sg.x.cols();
+  d.x = sg.x;
+  d.targets.y = sg.block;
+  d.targets.classes = classes;
+  const Index e = sg.edges();
+  std::vector<std::int32_t> src(e), dst(e);
+  for (Index k = 0; k < e; ++k) {
+    src[k] = static_cast<std::int32_t>(sg.edge_index[k]);
+    dst[k] = static_cast<std::int32_t>(sg.edge_index[e + k]);
+  }
+  d.graph = build_node_graph(d.n, src, dst, {}, GraphPrep{true, true}, "sbm");
+  return d;
+}
+
+// `difformer train-large --device cuda`: mini-batch steps (one cuda::Model reused across chunks
+// of different sizes and graphs, some chunks skipped) and full-graph steps (batch 0, CUDA graph
+// replay), each with full-graph evaluation on the GPU, against the CPU driver.
+TEST(CudaTrainLarge, ChunkedAndFullGraphMatchCpu) {
+  SKIP_WITHOUT_GPU();
+  const LargeDataset d = sbm_dataset(1300, 3, 5);
+  ModelConfig cfg;
+  cfg.in_features = d.features, cfg.out_features = 3, cfg.hidden = 16, cfg.layers = 2;
+  cfg.use_weight = true, cfg.dropout = 0.1f, cfg.kernel = Kernel::simple;
+  cfg.validate();
+  // few training nodes, small chunks: some chunks have none and are skipped
+  const Split split = ratio_split(d.targets, 0.02, 0.3, 3);
+  for (const Index batch : {Index{100}, Index{0}}) {
+    LargeTrainOptions opt;
+    opt.batch_size = batch;
+    opt.epochs = 5;
+    opt.eval_every = 1;
+    opt.adam = AdamOptions{1e-2f, 0.0f};
+    opt.metric = Metric::accuracy;
+    std::vector<LargeEpochReport> rc, rg;
+    const LargeRunResult c = train_large_run(d, cfg, split, opt, 11, [&](const LargeEpochReport& e) { rc.push_back(e); });
+    opt.device = "cuda";
+    const LargeRunResult g = train_large_run(d, cfg, split, opt, 11, [&](const LargeEpochReport& e) { rg.push_back(e); });
+    ASSERT_EQ(rc.size(), rg.size());
+    for (size_t e = 0; e < rc.size(); ++e) {
+      EXPECT_EQ(rg[e].steps, rc[e].steps) << "batch " << batch << " epoch " << e;
+      EXPECT_EQ(rg[e].skipped, rc[e].skipped) << "batch " << batch << " epoch " << e;
+      EXPECT_LE(std::abs(rg[e].loss - rc[e].loss), 1e-4 * std::abs(rc[e].loss)) << "batch " << batch << " epoch " << e;
+      EXPECT_NEAR(rg[e].val, rc[e].val, 0.005) << "batch " << batch << " epoch " << e;
+      EXPECT_NEAR(rg[e].test, rc[e].test, 0.005) << "batch " << batch << " epoch " << e;
+    }
+    if (batch > 0) {
+      EXPECT_GT(c.skipped, 0) << "the split should leave some chunks without training nodes";
+    }
+    EXPECT_EQ(g.gpu_evals, 5);
+    EXPECT_EQ(g.cpu_evals, 0);
+    EXPECT_EQ(c.cpu_evals, 5);
+    EXPECT_GT(g.peak_device_bytes, 0);
+    EXPECT_NEAR(g.test, c.test, 0.005);
+  }
+  // multi-label targets are refused on the GPU with a message
+  LargeDataset ml = d;
+  ml.targets.multilabel = true;
+  ml.targets.ym = Mat::Zero(d.n, 3);
+  LargeTrainOptions opt;
+  opt.device = "cuda";
+  opt.epochs = 1;
+  try {
+    train_large_run(ml, cfg, split, opt, 0);
+    FAIL() << "multi-label on cuda must throw";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("multi-label"), std::string::npos) << e.what();
+  }
 }
 
 }  // namespace

@@ -14,6 +14,7 @@
 
 #include "core/error.hpp"
 #include "data/dataset.hpp"
+#include "ops/cuda_backend.hpp"
 #include "test_util.hpp"
 #include "train/presets.hpp"
 
@@ -239,6 +240,32 @@ TEST_F(Cli, BadInputIsNamed) {
   expect_error("train --data data/digits.npz --per-class 0 --epochs 1", "empty training set");
   expect_error("train --data data/digits.npz --task graph", "--task: expected node, instance, temporal or auto");
   expect_error("train --preset pubmed-s", "data/pubmed.npz");
+}
+
+TEST_F(Cli, DeviceAndPrecisionFlagsAreChecked) {
+  expect_error("train --data data/cora.npz --precision bf16 --device cpu --epochs 1",
+               "--precision bf16 needs --device cuda");
+  expect_error("train --data data/cora.npz --precision tf32 --epochs 1", "--precision tf32 needs --device cuda");
+  expect_error("train --data data/cora.npz --precision foo --epochs 1", "--precision: expected fp32, tf32 or bf16, got 'foo'");
+  expect_error("train --data data/cora.npz --precision foo --device cuda --epochs 1",
+               "--precision: expected fp32, tf32 or bf16, got 'foo'");
+  expect_error("train --data data/cora.npz --device tpu --epochs 1", "--device: expected cpu or cuda, got 'tpu'");
+  expect_error("train --data data/chickenpox.npz --device cuda --epochs 1",
+               "--device cuda: temporal task not supported yet");
+  expect_error("bench --nodes 100 --precision bf16", "--precision bf16 needs --device cuda");
+  expect_error("bench --nodes 100 --precision half --device cuda", "--precision: expected fp32, tf32 or bf16, got 'half'");
+  expect_error("train-large --data data/cora.npz --precision bf16", "--precision bf16 needs --device cuda");
+  expect_error("train-large --data data/cora.npz --precision x --device cuda", "--precision: expected fp32, tf32 or bf16");
+  if (!cuda::available()) {
+    expect_error("train --data data/cora.npz --device cuda --epochs 1", "--device cuda");
+    expect_error("train-large --data data/cora.npz --device cuda --epochs 1", "--device cuda");
+  }
+  // the CPU report says where it ran
+  const json j = train_json("--data data/cora.npz --epochs 2 --runs 1 --layers 1 --precision fp32");
+  EXPECT_EQ(j["device"], "cpu");
+  EXPECT_EQ(j["precision"], "fp32");
+  EXPECT_EQ(j["peak_device_bytes"], 0);
+  EXPECT_EQ(j["runs"][0]["peak_device_bytes"], 0);
 }
 
 }  // namespace

@@ -22,8 +22,9 @@ std::string describe();  // one line: device name and memory, or why there is no
 void require();          // throws dfm::Error naming the reason when !available()
 
 struct DeviceOptions {
-  // "fp32": true single precision everywhere (TF32 off). "tf32": cuBLAS GEMMs on TF32 tensor
-  // cores (the attention kernels stay fp32).
+  // "fp32": true single precision everywhere (TF32 off). "tf32": cuBLAS GEMMs and the sigmoid
+  // attention on TF32 tensor cores. "bf16": GEMMs on TF32, the sigmoid attention in bf16. The CLI
+  // takes it from --precision (train, bench, train-large; dfm::validate_precision).
   std::string precision = "fp32";
   bool cuda_graph = true;          // capture train_step() in a CUDA graph after its first eager run
   int device = 0;

@@ -8,10 +8,12 @@
 #include <cstdio>
 #include <fstream>
 #include <limits>
+#include <memory>
 #include <sstream>
 
 #include "core/error.hpp"
 #include "core/memory.hpp"
+#include "ops/cuda_backend.hpp"
 #include "train/minibatch.hpp"
 
 namespace dfm {
@@ -827,6 +829,74 @@ void evaluate_large(DIFFormer& model, const LargeDataset& d, const GraphOp* grap
 }
 
 // ---- driver ------------------------------------------------------------------------------------------
+namespace {
+
+// The GPU side of a large run: one cuda::Model for every chunk (set_input resizes its buffers),
+// the whole graph kept resident between full-graph steps and evaluations.
+struct GpuLarge {
+  cuda::Model gpu;
+  AdamOptions adam;
+  bool use_graph;
+  bool full_loaded = false;  // the model holds the whole graph with its labels and training rows
+  bool eval_on_gpu = true;   // false after a full-graph evaluation did not fit
+  std::vector<std::int64_t> labels;
+
+  static cuda::DeviceOptions options(const LargeTrainOptions& o) {
+    cuda::DeviceOptions d;
+    d.precision = o.precision;
+    d.cuda_graph = o.batch_size == 0;  // chunks change the input every step: nothing to replay
+    return d;
+  }
+  GpuLarge(const DIFFormer& model, const LargeTrainOptions& o)
+      : gpu(model.config(), options(o)), adam(o.adam), use_graph(model.config().use_graph) {
+    gpu.upload_params(model.params);
+  }
+  void load(const Mat& x, const GraphOp* graph, const NodeTargets& t, const std::vector<std::int64_t>& rows,
+            bool full) {
+    ModelInput in;
+    in.dense = &x;
+    if (use_graph) in.graph = graph;
+    gpu.set_input(in);
+    labels.resize(t.y.size());
+    for (size_t i = 0; i < t.y.size(); ++i) labels[i] = t.y[i] < 0 ? 0 : t.y[i];  // unlabelled: never a loss row
+    gpu.set_labels(labels);
+    gpu.set_train_index(rows);
+    full_loaded = full;
+  }
+  float step(const Mat& x, const GraphOp* graph, const NodeTargets& t, const std::vector<std::int64_t>& rows,
+             std::uint64_t dropout_seed, bool full) {
+    if (!(full && full_loaded)) load(x, graph, t, rows, full);
+    const float loss = gpu.train_step(dropout_seed, adam, true);
+    DFM_CHECK(std::isfinite(loss), "training diverged: loss is ", loss, " (try a smaller --lr)");
+    return loss;
+  }
+  // Inference over the whole graph; false (and a note) when it does not fit on the device.
+  bool evaluate(const LargeDataset& d, MinibatchWorkspace& ws, const std::vector<std::int64_t>& train_rows,
+                Mat& logits) {
+    if (!eval_on_gpu) return false;
+    try {
+      if (!full_loaded) {
+        if (use_graph && !ws.full_graph_ready) {
+          ws.full_graph = full_graph_op(d.graph);
+          ws.full_graph_ready = true;
+        }
+        load(d.x, use_graph ? &ws.full_graph : nullptr, d.targets, train_rows, true);
+      }
+      gpu.forward(false, 0);
+      gpu.download_logits(logits);
+      return true;
+    } catch (const Error& e) {
+      std::fprintf(stderr, "note: full-graph evaluation does not fit on the GPU (%s); evaluating on the CPU\n",
+                   e.what());
+      eval_on_gpu = false;
+      full_loaded = false;
+      return false;
+    }
+  }
+};
+
+}  // namespace
+
 LargeRunResult train_large_run(const LargeDataset& d, const ModelConfig& cfg, const Split& split,
                                const LargeTrainOptions& opt, std::uint64_t seed,
                                const std::function<void(const LargeEpochReport&)>& progress) {
@@ -835,6 +905,9 @@ LargeRunResult train_large_run(const LargeDataset& d, const ModelConfig& cfg, co
   DFM_CHECK(cfg.in_features == d.features, "model expects ", cfg.in_features, " features, ", d.path, " has ", d.features);
   DFM_CHECK(cfg.out_features == d.targets.outputs(), "model has ", cfg.out_features, " outputs, ", d.path, " has ",
             d.targets.outputs());
+  DFM_CHECK(opt.device == "cpu" || opt.device == "cuda", "--device: expected cpu or cuda, got '", opt.device, "'");
+  DFM_CHECK(opt.device == "cpu" || !d.targets.multilabel, "--device cuda: multi-label targets (binary cross-entropy, "
+            "ROC-AUC tasks such as ogbn-proteins) are not supported on the GPU yet; use --device cpu");
   validate_split(split, d.n, "split");
   for (auto i : split.train)
     DFM_CHECK(d.targets.labelled(i), "split: training node ", i, " has no label");
@@ -845,6 +918,18 @@ LargeRunResult train_large_run(const LargeDataset& d, const ModelConfig& cfg, co
   std::vector<std::uint8_t> is_train(static_cast<size_t>(d.n), 0);
   for (auto i : split.train) is_train[i] = 1;
   MinibatchWorkspace ws;
+  std::unique_ptr<GpuLarge> gpu;
+  if (opt.device == "cuda") {
+    cuda::require();
+    gpu = std::make_unique<GpuLarge>(model, opt);
+  }
+  std::vector<std::int64_t> train_rows(split.train.begin(), split.train.end());
+  std::sort(train_rows.begin(), train_rows.end());  // the full-graph step's rows, in node order
+  auto step = [&](const Mat& x, const GraphOp* graph, const NodeTargets& t, const std::vector<std::int64_t>& rows,
+                  std::uint64_t dropout_seed, bool full) {
+    return gpu ? gpu->step(x, graph, t, rows, dropout_seed, full)
+               : train_step(model, adam, x, graph, t, rows, dropout_seed, opt.lean, ws);
+  };
   Mat logits;
   LargeRunResult r;
   r.seed = seed;
@@ -853,7 +938,8 @@ LargeRunResult train_large_run(const LargeDataset& d, const ModelConfig& cfg, co
     LargeEpochReport rep;
     rep.epoch = epoch;
     reset_peak_rss();
-    const EpochStats st = train_minibatch_epoch(model, adam, d, is_train, opt.batch_size, seed, epoch, opt.lean, ws);
+    const EpochStats st = run_minibatch_epoch(d, is_train, opt.batch_size, seed, epoch, cfg.use_graph, ws, step);
+    if (gpu) gpu->gpu.synchronize();
     r.train_peak_rss = std::max(r.train_peak_rss, phase_peak_rss_bytes());
     rep.loss = st.loss;
     rep.steps = st.steps;
@@ -866,10 +952,19 @@ LargeRunResult train_large_run(const LargeDataset& d, const ModelConfig& cfg, co
     if (opt.eval_every > 0 && epoch % opt.eval_every == 0) {
       reset_peak_rss();
       const auto t0 = std::chrono::steady_clock::now();
-      // the graph's own operator (normalised at load); adj_t is not needed for inference
-      const GraphOp* g = cfg.use_graph ? &d.graph.op : nullptr;
-      // streaming inference whatever the training path: its memory is the N-sized bound
-      evaluate_large(model, d, g, split, opt.metric, opt.lean_eval, logits, rep.train, rep.val, rep.test);
+      if (gpu && gpu->evaluate(d, ws, train_rows, logits)) {
+        rep.train = score_metric(opt.metric, logits, d.targets, split.train);
+        rep.val = score_metric(opt.metric, logits, d.targets, split.val);
+        rep.test = score_metric(opt.metric, logits, d.targets, split.test);
+        ++r.gpu_evals;
+      } else {
+        if (gpu) gpu->gpu.download_params(model.params);
+        // the graph's own operator (normalised at load); adj_t is not needed for inference
+        const GraphOp* g = cfg.use_graph ? &d.graph.op : nullptr;
+        // streaming inference whatever the training path: its memory is the N-sized bound
+        evaluate_large(model, d, g, split, opt.metric, opt.lean_eval, logits, rep.train, rep.val, rep.test);
+        ++r.cpu_evals;
+      }
       logits.resize(0, 0);
       rep.eval_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
       r.eval_peak_rss = std::max(r.eval_peak_rss, phase_peak_rss_bytes());
@@ -884,6 +979,7 @@ LargeRunResult train_large_run(const LargeDataset& d, const ModelConfig& cfg, co
     }
     if (progress) progress(rep);
   }
+  if (gpu) r.peak_device_bytes = gpu->gpu.peak_device_bytes();
   if (r.best_epoch < 0) r.val = std::numeric_limits<double>::quiet_NaN(), r.test = r.val, r.train = r.val;
   return r;
 }

@@ -86,6 +86,11 @@ struct LargeTrainOptions {
   Metric metric = Metric::accuracy;
   bool lean = true;       // training step: memory-lean, or DIFFormer::forward/backward
   bool lean_eval = true;  // evaluation: streaming, or DIFFormer::forward without state (comparisons)
+  // "cuda": every training step on the GPU (one cuda::Model reused across chunks; batch 0 keeps
+  // the whole graph resident and replays the step as a CUDA graph), full-graph evaluation on the
+  // GPU when it fits (else the CPU path above). Single-label (cross-entropy) targets only.
+  std::string device = "cpu";
+  std::string precision = "fp32";  // cuda: fp32 | tf32 | bf16
 };
 
 struct LargeEpochReport {
@@ -107,6 +112,8 @@ struct LargeRunResult {
   std::int64_t eval_peak_rss = 0;       // process peak during evaluations
   int steps = 0, skipped = 0;
   double last_loss = 0;
+  std::int64_t peak_device_bytes = 0;  // GPU allocator high-water mark (0 on the CPU)
+  int gpu_evals = 0, cpu_evals = 0;     // where the full-graph evaluations ran
 };
 
 // One run: initialises the model from `seed`, trains with Adam, evaluates on the full graph.

@@ -127,20 +127,19 @@ float train_step(DIFFormer& model, Adam& adam, const Mat& x, const GraphOp* grap
   return loss;
 }
 
-EpochStats train_minibatch_epoch(DIFFormer& model, Adam& adam, const LargeDataset& d,
-                                 const std::vector<std::uint8_t>& is_train, Index batch_size, std::uint64_t seed,
-                                 int epoch, bool lean, MinibatchWorkspace& ws) {
+EpochStats run_minibatch_epoch(const LargeDataset& d, const std::vector<std::uint8_t>& is_train, Index batch_size,
+                               std::uint64_t seed, int epoch, bool use_graph, MinibatchWorkspace& ws,
+                               const LargeStepFn& step) {
   using clock = std::chrono::steady_clock;
   const auto t0 = clock::now();
   DFM_CHECK(batch_size >= 0, "--batch-size must be >= 0 (got ", batch_size, ")");
   DFM_CHECK(static_cast<Index>(is_train.size()) == d.n, "train mask has ", is_train.size(), " entries for ", d.n,
             " nodes");
-  const ModelConfig& cfg = model.config();
   EpochStats st;
   double loss_sum = 0;
   if (batch_size == 0) {
     // Full-graph training: the whole graph, in node order, one step.
-    if (cfg.use_graph && !ws.full_graph_ready) {
+    if (use_graph && !ws.full_graph_ready) {
       ws.full_graph = full_graph_op(d.graph);
       ws.full_graph_ready = true;
     }
@@ -150,8 +149,7 @@ EpochStats train_minibatch_epoch(DIFFormer& model, Adam& adam, const LargeDatase
     if (rows.empty()) {
       st.skipped = 1;
     } else {
-      st.loss = train_step(model, adam, d.x, cfg.use_graph ? &ws.full_graph : nullptr, d.targets, rows,
-                           step_seed(seed, epoch, 0), lean, ws);
+      st.loss = step(d.x, use_graph ? &ws.full_graph : nullptr, d.targets, rows, step_seed(seed, epoch, 0), true);
       st.steps = 1;
     }
     st.seconds = std::chrono::duration<double>(clock::now() - t0).count();
@@ -172,7 +170,7 @@ EpochStats train_minibatch_epoch(DIFFormer& model, Adam& adam, const LargeDatase
       continue;
     }
     GraphOp op;
-    if (cfg.use_graph) {
+    if (use_graph) {
       part.induce(nodes, m, chunk);
       op = make_graph_op<float>(m, chunk.src, chunk.dst, d.graph.weighted() ? &chunk.weight : nullptr);
       chunk.src = {};
@@ -185,12 +183,22 @@ EpochStats train_minibatch_epoch(DIFFormer& model, Adam& adam, const LargeDatase
 #pragma omp parallel for schedule(static) if (m > 4096)
     for (Index p = 0; p < m; ++p) ws.x.row(p) = d.x.row(nodes[p]);
     const NodeTargets t = d.targets.gather(chunk.nodes);
-    loss_sum += train_step(model, adam, ws.x, cfg.use_graph ? &op : nullptr, t, rows, step_seed(seed, epoch, k), lean, ws);
+    loss_sum += step(ws.x, use_graph ? &op : nullptr, t, rows, step_seed(seed, epoch, k), false);
     ++st.steps;
   }
   st.loss = loss_sum / std::max(st.steps, 1);
   st.seconds = std::chrono::duration<double>(clock::now() - t0).count();
   return st;
+}
+
+EpochStats train_minibatch_epoch(DIFFormer& model, Adam& adam, const LargeDataset& d,
+                                 const std::vector<std::uint8_t>& is_train, Index batch_size, std::uint64_t seed,
+                                 int epoch, bool lean, MinibatchWorkspace& ws) {
+  auto cpu_step = [&](const Mat& x, const GraphOp* graph, const NodeTargets& t, const std::vector<std::int64_t>& rows,
+                      std::uint64_t dropout_seed, bool) {
+    return train_step(model, adam, x, graph, t, rows, dropout_seed, lean, ws);
+  };
+  return run_minibatch_epoch(d, is_train, batch_size, seed, epoch, model.config().use_graph, ws, cpu_step);
 }
 
 }  // namespace dfm

@@ -11,6 +11,7 @@
 // NumPy and tests/test_minibatch.cpp compares.
 #pragma once
 #include <cstdint>
+#include <functional>
 #include <vector>
 
 #include "data/ogb.hpp"
@@ -65,6 +66,19 @@ struct EpochStats {
   int steps = 0, skipped = 0;
   double seconds = 0;
 };
+
+// One optimiser step on a node set: its features x, graph operator (with transpose; null without
+// the graph term), the targets of its rows, the training rows, the dropout seed; full is true when
+// the set is the whole graph in node order (the same input every epoch, so a device backend may
+// keep it resident). Returns the loss.
+using LargeStepFn = std::function<float(const Mat& x, const GraphOp* graph, const NodeTargets& t,
+                                        const std::vector<std::int64_t>& rows, std::uint64_t dropout_seed, bool full)>;
+
+// The epoch protocol (permutation, chunks, induced subgraphs, skipped chunks, step seeds) over any
+// step function: the CPU step below and the GPU step of train_large_run share it.
+EpochStats run_minibatch_epoch(const LargeDataset& d, const std::vector<std::uint8_t>& is_train, Index batch_size,
+                               std::uint64_t seed, int epoch, bool use_graph, MinibatchWorkspace& ws,
+                               const LargeStepFn& step);
 
 // One epoch. batch_size 0: one step on the whole graph (no permutation, no partitioning).
 // is_train[i] != 0 marks training nodes. lean: the memory-lean path where it applies.

@@ -5,6 +5,7 @@
 #include <cmath>
 
 #include "core/error.hpp"
+#include "ops/cuda_backend.hpp"
 
 namespace dfm {
 
@@ -19,32 +20,114 @@ double accuracy(const Mat& logits, const std::vector<std::int64_t>& y, const std
   return static_cast<double>(correct) / static_cast<double>(idx.size());
 }
 
-RunResult train_node_classifier(DIFFormer& model, const ModelInput& in, const std::vector<std::int64_t>& y,
-                                const Split& split, const TrainOptions& opt, std::uint64_t seed,
+void validate_precision(const std::string& device, const std::string& precision) {
+  DFM_CHECK(precision == "fp32" || precision == "tf32" || precision == "bf16", "--precision: expected fp32, tf32 or "
+            "bf16, got '", precision, "'");
+  DFM_CHECK(device == "cuda" || precision == "fp32", "--precision ", precision, " needs --device cuda (the CPU "
+            "engine computes in fp32 only)");
+}
+
+namespace {
+
+class CpuBackend final : public NodeTrainBackend {
+ public:
+  CpuBackend(DIFFormer& model, const ModelInput& in, const std::vector<std::int64_t>& y, const Split& split,
+             const AdamOptions& adam)
+      : model_(model), in_(in), y_(y), split_(split), adam_(adam) {}
+  float step(std::uint64_t dropout_seed) override {
+    model_.params.zero_grad();
+    model_.forward(in_, true, dropout_seed, &state_, logits_);
+    const float loss = cpu::cross_entropy(logits_, y_, split_.train, dlogits_);
+    if (!std::isfinite(loss)) return loss;
+    model_.backward(in_, state_, dlogits_);
+    adam_.step(model_.params);
+    return loss;
+  }
+  const Mat& eval_logits() override {
+    model_.forward(in_, false, 0, nullptr, eval_);
+    return eval_;
+  }
+  void current_params(std::vector<float>& out) override { out = model_.params.values; }
+
+ private:
+  DIFFormer& model_;
+  const ModelInput& in_;
+  const std::vector<std::int64_t>& y_;
+  const Split& split_;
+  Adam adam_;
+  ForwardState state_;
+  Mat logits_, dlogits_, eval_;
+};
+
+class CudaBackend final : public NodeTrainBackend {
+ public:
+  CudaBackend(const DIFFormer& model, const ModelInput& in, const std::vector<std::int64_t>& y, const Split& split,
+              const AdamOptions& adam, const std::string& precision)
+      : gpu_(model.config(), options(precision)), adam_(adam), params_(model.params) {
+    gpu_.upload_params(model.params);
+    gpu_.set_input(in);
+    gpu_.set_labels(y);
+    gpu_.set_train_index(split.train);
+  }
+  float step(std::uint64_t dropout_seed) override { return gpu_.train_step(dropout_seed, adam_, true); }
+  const Mat& eval_logits() override {
+    gpu_.forward(false, 0);
+    gpu_.download_logits(eval_);
+    return eval_;
+  }
+  void current_params(std::vector<float>& out) override {
+    gpu_.download_params(params_);
+    out = params_.values;
+  }
+  std::int64_t peak_device_bytes() const override { return gpu_.peak_device_bytes(); }
+
+ private:
+  static cuda::DeviceOptions options(const std::string& precision) {
+    cuda::DeviceOptions o;
+    o.precision = precision;
+    return o;
+  }
+  cuda::Model gpu_;
+  AdamOptions adam_;
+  ParamStore params_;
+  Mat eval_;
+};
+
+}  // namespace
+
+std::unique_ptr<NodeTrainBackend> make_cpu_backend(DIFFormer& model, const ModelInput& in,
+                                                   const std::vector<std::int64_t>& y, const Split& split,
+                                                   const AdamOptions& adam) {
+  return std::make_unique<CpuBackend>(model, in, y, split, adam);
+}
+
+std::unique_ptr<NodeTrainBackend> make_cuda_backend(const DIFFormer& model, const ModelInput& in,
+                                                    const std::vector<std::int64_t>& y, const Split& split,
+                                                    const AdamOptions& adam, const std::string& precision) {
+  cuda::require();
+  return std::make_unique<CudaBackend>(model, in, y, split, adam, precision);
+}
+
+RunResult train_node_classifier(NodeTrainBackend& backend, const std::vector<std::int64_t>& y, const Split& split,
+                                const TrainOptions& opt, std::uint64_t seed,
                                 const std::function<void(const EpochReport&)>& progress) {
   using clock = std::chrono::steady_clock;
   DFM_CHECK(opt.epochs > 0, "--epochs must be positive (got ", opt.epochs, ")");
+  DFM_CHECK(opt.eval_every >= 1, "--eval-every must be >= 1 (got ", opt.eval_every, ")");
   DFM_CHECK(!split.train.empty(), "training split is empty");
-  Adam adam(opt.adam);
   RunResult r;
   r.seed = seed;
   r.val = -1;
-  ForwardState state;
-  Mat logits, dlogits, eval_logits;
   std::vector<double> epoch_ms;
   const auto t_start = clock::now();
   for (int epoch = 0; epoch < opt.epochs; ++epoch) {
     const auto t0 = clock::now();
-    model.params.zero_grad();
-    model.forward(in, true, seed * 1000003ULL + static_cast<std::uint64_t>(epoch), &state, logits);
-    const float loss = cpu::cross_entropy(logits, y, split.train, dlogits);
+    const float loss = backend.step(epoch_dropout_seed(seed, epoch));
     DFM_CHECK(std::isfinite(loss), "training diverged: loss is ", loss, " at epoch ", epoch,
               " (try a smaller --lr)");
-    model.backward(in, state, dlogits);
-    adam.step(model.params);
     const bool evaluate = (epoch + 1) % opt.eval_every == 0 || epoch + 1 == opt.epochs;
     if (!evaluate) continue;
-    model.forward(in, false, 0, nullptr, eval_logits);
+    const Mat& eval_logits = backend.eval_logits();
     epoch_ms.push_back(std::chrono::duration<double, std::milli>(clock::now() - t0).count());
     EpochReport rep{epoch, loss, accuracy(eval_logits, y, split.train), accuracy(eval_logits, y, split.val),
                     accuracy(eval_logits, y, split.test)};
@@ -52,14 +135,22 @@ RunResult train_node_classifier(DIFFormer& model, const ModelInput& in, const st
       r.val = rep.val;
       r.test = rep.test;
       r.best_epoch = epoch;
-      r.best_params = model.params.values;
+      backend.current_params(r.best_params);
     }
     if (progress) progress(rep);
   }
   r.seconds = std::chrono::duration<double>(clock::now() - t_start).count();
   std::sort(epoch_ms.begin(), epoch_ms.end());
   r.ms_per_epoch = epoch_ms.empty() ? 0.0 : epoch_ms[epoch_ms.size() / 2];
+  r.peak_device_bytes = backend.peak_device_bytes();
   return r;
+}
+
+RunResult train_node_classifier(DIFFormer& model, const ModelInput& in, const std::vector<std::int64_t>& y,
+                                const Split& split, const TrainOptions& opt, std::uint64_t seed,
+                                const std::function<void(const EpochReport&)>& progress) {
+  auto backend = make_cpu_backend(model, in, y, split, opt.adam);
+  return train_node_classifier(*backend, y, split, opt, seed, progress);
 }
 
 }  // namespace dfm

@@ -5,7 +5,8 @@ split row 2), to tell an initialisation-dependent failure from an arithmetic one
   /usr/bin/python3 dev/diagnostics/citeseer_continue_in_torch.py s2.npz 0 160   # or "torch" for torch's own init
 """
 import sys, json, numpy as np, torch
-sys.path.insert(0, '/work/main/bench/peer')
+import os
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', '..', 'bench', 'peer'))
 from reference_difformer import DIFFormer
 from reference_targets import citation_graph
 import torch.nn.functional as F

@@ -6,7 +6,10 @@
 // as dfm::DIFFormer (so parameters copy host <-> device as one buffer), forward / cross-entropy /
 // backward / Adam on the device. Activations kept between forward and backward: the LayerNorm
 // input of each diffusion layer (L N D floats) and the attention's small statistics (sigmoid:
-// its output and row sums); hidden states, Q, K, V and dropout masks are recomputed.
+// its output and row sums); hidden states, Q, K, V and dropout masks are recomputed. DIFFormer-s
+// with the global norm and one head of width 16/32/64 runs the folded layer, which stores no Q,
+// K, V, attention output or graph buffer at all (src/ops/cuda/model_cuda.cpp says which buffers
+// each path keeps).
 #pragma once
 #include <cstdint>
 #include <memory>

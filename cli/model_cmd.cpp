@@ -11,6 +11,7 @@
 #include "data/npz.hpp"
 #include "io/checkpoint.hpp"
 #include "io/files.hpp"
+#include "train/metrics.hpp"
 #include "train/trainer.hpp"
 
 namespace dfm::cli {
@@ -83,8 +84,8 @@ int run_eval(const ModelUseFlags& f) {
   Split s = f.splits_file.empty() ? file_split(l.data) : load_split_file(f.splits_file, f.run, l.data.n);
   Mat logits;
   l.model->forward(l.in, false, 0, nullptr, logits);
-  const double tr = accuracy(logits, l.data.y, s.train), va = accuracy(logits, l.data.y, s.val),
-               te = accuracy(logits, l.data.y, s.test);
+  const double tr = accuracy_classes(logits, l.data.y, s.train), va = accuracy_classes(logits, l.data.y, s.val),
+               te = accuracy_classes(logits, l.data.y, s.test);
   std::printf("%s on %s: train %.2f, val %.2f, test %.2f (accuracy, %%)\n", f.model.c_str(), f.data.c_str(),
               100 * tr, 100 * va, 100 * te);
   if (!f.json_out.empty())

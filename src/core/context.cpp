@@ -16,4 +16,7 @@ void Context::apply_threads() const {
   if (threads > 0) Eigen::setNbThreads(threads);
 }
 
+EigenSerialScope::EigenSerialScope() : saved_(Eigen::nbThreads()) { Eigen::setNbThreads(1); }
+EigenSerialScope::~EigenSerialScope() { Eigen::setNbThreads(saved_); }
+
 }  // namespace dfm

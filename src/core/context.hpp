@@ -16,4 +16,18 @@ struct Context {
   void apply_threads() const;
 };
 
+// Keeps Eigen single-threaded for its lifetime, then restores the previous count. For code that
+// splits rows over OpenMP threads itself (Eigen's own GEMM teams would only add fork/join and
+// busy-waiting there) and for the small D x D products, where fork/join costs more than it saves.
+class EigenSerialScope {
+ public:
+  EigenSerialScope();
+  ~EigenSerialScope();
+  EigenSerialScope(const EigenSerialScope&) = delete;
+  EigenSerialScope& operator=(const EigenSerialScope&) = delete;
+
+ private:
+  int saved_;
+};
+
 }  // namespace dfm

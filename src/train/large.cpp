@@ -11,6 +11,7 @@
 #include <memory>
 #include <sstream>
 
+#include "core/context.hpp"
 #include "core/error.hpp"
 #include "core/memory.hpp"
 #include "ops/cuda_backend.hpp"
@@ -100,16 +101,6 @@ Slots find_slots(const ParamStore& p, const ModelConfig& c) {
   }
   return s;
 }
-
-// The lean path parallelises over row blocks itself; Eigen must not start its own GEMM teams
-// (on a small block that is all barrier, and Eigen's workers busy-wait on each other).
-struct EigenSerial {
-  int prev = Eigen::nbThreads();
-  EigenSerial() { Eigen::setNbThreads(1); }
-  ~EigenSerial() { Eigen::setNbThreads(prev); }
-  EigenSerial(const EigenSerial&) = delete;
-  EigenSerial& operator=(const EigenSerial&) = delete;
-};
 
 // Runs fn(thread, lo, m) over blocks of kRows rows; static schedule, so that per-thread partial
 // sums (reduced in thread order) are deterministic for a given thread count.
@@ -438,7 +429,7 @@ bool lean_supported(const ModelConfig& c) { return c.kernel == Kernel::simple ||
 
 void lean_forward(const DIFFormer& model, const Mat& x, const GraphOp* graph, Mat& logits) {
   check_inputs(model, x, graph);
-  const EigenSerial serial;
+  const EigenSerialScope serial;
   const ModelConfig& cfg = model.config();
   const Slots sl = find_slots(model.params, cfg);
   const Index n = x.rows();
@@ -463,7 +454,7 @@ void lean_forward(const DIFFormer& model, const Mat& x, const GraphOp* graph, Ma
 float lean_forward_backward(DIFFormer& model, const Mat& x, const GraphOp* graph, bool training,
                             std::uint64_t dropout_seed, const LossFn& loss, LeanWorkspace& ws) {
   check_inputs(model, x, graph);
-  const EigenSerial serial;
+  const EigenSerialScope serial;
   const ModelConfig& cfg = model.config();
   const Slots sl = find_slots(model.params, cfg);
   ParamStore& P = model.params;

@@ -6,19 +6,9 @@
 
 #include "core/error.hpp"
 #include "ops/cuda_backend.hpp"
+#include "train/metrics.hpp"
 
 namespace dfm {
-
-double accuracy(const Mat& logits, const std::vector<std::int64_t>& y, const std::vector<std::int64_t>& idx) {
-  if (idx.empty()) return 0.0;
-  Index correct = 0;
-  for (auto i : idx) {
-    Index pred = 0;
-    logits.row(i).maxCoeff(&pred);  // first maximum, as torch.argmax
-    correct += pred == y[i];
-  }
-  return static_cast<double>(correct) / static_cast<double>(idx.size());
-}
 
 void validate_precision(const std::string& device, const std::string& precision) {
   DFM_CHECK(precision == "fp32" || precision == "tf32" || precision == "bf16", "--precision: expected fp32, tf32 or "
@@ -129,8 +119,8 @@ RunResult train_node_classifier(NodeTrainBackend& backend, const std::vector<std
     if (!evaluate) continue;
     const Mat& eval_logits = backend.eval_logits();
     epoch_ms.push_back(std::chrono::duration<double, std::milli>(clock::now() - t0).count());
-    EpochReport rep{epoch, loss, accuracy(eval_logits, y, split.train), accuracy(eval_logits, y, split.val),
-                    accuracy(eval_logits, y, split.test)};
+    EpochReport rep{epoch, loss, accuracy_classes(eval_logits, y, split.train), accuracy_classes(eval_logits, y, split.val),
+                    accuracy_classes(eval_logits, y, split.test)};
     if (rep.val > r.val) {  // strictly better: the FIRST epoch of best validation wins
       r.val = rep.val;
       r.test = rep.test;

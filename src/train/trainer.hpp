@@ -41,7 +41,6 @@ struct RunResult {
   std::int64_t peak_device_bytes = 0;  // GPU allocator high-water mark (0 on the CPU)
 };
 
-double accuracy(const Mat& logits, const std::vector<std::int64_t>& y, const std::vector<std::int64_t>& idx);
 
 // One device's training step and inference forward over a fixed input, labels and training rows.
 class NodeTrainBackend {

@@ -8,6 +8,7 @@
 
 #include <cmath>
 
+#include "core/context.hpp"
 #include "core/error.hpp"
 #include "core/profile.hpp"
 #include "ops/ops.hpp"
@@ -29,15 +30,6 @@ Mat gram_tn(const Mat& a, const Mat& b) {
   for (int t = 1; t < threads; ++t) part[0] += part[t];
   return part[0];
 }
-
-// Eigen's own threads on the D x D products cost more than they save (fork/join per 64^3
-// product); the N-row work below is split by hand inside our parallel regions, where Eigen is
-// serial anyway.
-struct EigenSerial {
-  int saved = Eigen::nbThreads();
-  EigenSerial() { Eigen::setNbThreads(1); }
-  ~EigenSerial() { Eigen::setNbThreads(saved); }
-};
 
 // ||h W^T + 1 b^T||_F from G and u, in double.
 double projected_norm(const Mat& gram, const Vec& u, const ConstMatMap& w, const ConstVecMap& b, Index n) {
@@ -73,7 +65,7 @@ void simple_attn_fused_fwd(const Mat& h, const FoldedProjections& w, int heads, 
                            const std::function<void(Index, Index)>* after_rows) {
   const Index n = h.rows(), d = h.cols(), hd = heads * d;
   const Views v(w, hd, d);
-  const EigenSerial serial;
+  const EigenSerialScope serial;
   prof::Section p_gram("fused_fwd.gram");
   st.gram = gram_tn(h, h);
   p_gram.stop();
@@ -141,7 +133,7 @@ void simple_attn_fused_bwd(const Mat& h, const FoldedProjections& w, int heads, 
                            bool accumulate) {
   const Index n = h.rows(), d = h.cols(), hd = heads * d;
   const Views v(w, hd, d);
-  const EigenSerial serial;
+  const EigenSerialScope serial;
   const float fn = static_cast<float>(n);
   const float isq = static_cast<float>(1.0 / st.sq), isk = static_cast<float>(1.0 / st.sk);
   // X = [dnum_1 .. dnum_H | dden_1 .. dden_H]

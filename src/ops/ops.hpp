@@ -104,14 +104,28 @@ void relu_bwd_inplace(const Mat& y, Mat& dy);  // dy *= (y > 0)
 void dropout_fwd(Mat& x, float p, std::uint64_t seed, std::vector<std::uint8_t>& keep);
 // The same on the flat elements [begin, end) of a tensor: x and keep point at element begin.
 void dropout_fwd_range(float* x, std::uint8_t* keep, Index begin, Index end, float p, std::uint64_t seed);
-// The counter hash: a uniform 24-bit draw for flat element i (splitmix64 of seed ^ i * odd
-// constant, top 24 bits; the final xor-shift of splitmix64 does not touch them). Kept when the
-// draw is >= dropout_threshold(p).
+// The counter hash: a uniform 24-bit draw for flat element i. A keyed 32-bit integer hash of the
+// low word of i (lowbias32's xor-shift-multiply rounds, the two key words entering before each
+// multiply, so masks of different seeds are not permutations of each other); the key is the seed
+// mixed with the high word of i. Only 32-bit multiplies: AVX2 and the GPU have them natively (a
+// 64-bit splitmix64 per element cost a third of a layer tail on the CPU). The top 24 bits are
+// the draw; kept when the draw is >= dropout_threshold(p). The CUDA backend has the same function
+// (ops/cuda/cuda_util.cuh) and tests check that the masks are equal.
+inline std::uint64_t dropout_key(std::uint64_t seed, std::uint64_t high_word) {
+  return seed ^ (high_word * 0xd1342543de82ef95ULL);
+}
+inline std::uint32_t dropout_hash32(std::uint32_t x, std::uint64_t key) {
+  x ^= static_cast<std::uint32_t>(key);
+  x ^= x >> 16;
+  x *= 0x7feb352dU;
+  x ^= x >> 15;
+  x ^= static_cast<std::uint32_t>(key >> 32);
+  x *= 0x846ca68bU;
+  x ^= x >> 16;
+  return x >> 8;
+}
 inline std::uint32_t dropout_draw(std::uint64_t seed, std::uint64_t i) {
-  std::uint64_t z = (seed ^ (i * 0xd1342543de82ef95ULL)) + 0x9e3779b97f4a7c15ULL;
-  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
-  z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
-  return static_cast<std::uint32_t>(z >> 40);
+  return dropout_hash32(static_cast<std::uint32_t>(i), dropout_key(seed, i >> 32));
 }
 inline std::uint32_t dropout_threshold(float p) {
   return static_cast<std::uint32_t>(std::ceil(static_cast<double>(p) * (1u << 24)));

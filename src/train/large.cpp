@@ -15,6 +15,7 @@
 #include "core/error.hpp"
 #include "core/memory.hpp"
 #include "ops/cuda_backend.hpp"
+#include "ops/ops.hpp"
 #include "train/minibatch.hpp"
 
 namespace dfm {
@@ -24,16 +25,10 @@ namespace {
 constexpr float kLnEps = 1e-5f;  // as the model
 constexpr Index kRows = 2048;    // rows per block
 
-// The model's seed mixing and dropout hash (src/model/difformer.cpp, src/ops/cpu/ops_cpu.cpp),
-// reproduced so that block-wise recomputation draws the same masks.
+// The model's seed mixing (src/model/difformer.cpp), reproduced so that block-wise recomputation
+// draws the same masks (the hash itself is ops.hpp's dropout_draw).
 std::uint64_t mix_seed(std::uint64_t seed, std::uint64_t salt) {
   std::uint64_t z = seed + 0x9e3779b97f4a7c15ULL * (salt + 1);
-  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
-  z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
-  return z ^ (z >> 31);
-}
-inline std::uint64_t splitmix64(std::uint64_t z) {
-  z += 0x9e3779b97f4a7c15ULL;
   z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
   z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
   return z ^ (z >> 31);
@@ -47,7 +42,7 @@ struct Dropout {
   Dropout() = default;
   Dropout(bool training, float p, std::uint64_t s) : on(training && p > 0), seed(s) {
     scale = p < 1.0f ? 1.0f / (1.0f - p) : 0.0f;
-    threshold = static_cast<std::uint32_t>(std::ceil(static_cast<double>(p) * (1u << 24)));
+    threshold = cpu::dropout_threshold(p);
   }
   // y = keep ? y * scale : 0 for rows [lo, lo + m) of an [n, width] matrix (global element ids).
   template <typename Block>
@@ -57,7 +52,7 @@ struct Dropout {
     for (Index r = 0; r < y.rows(); ++r)
       for (Index c = 0; c < w; ++c) {
         const std::uint64_t i = static_cast<std::uint64_t>((lo + r) * w + c);
-        const auto h = static_cast<std::uint32_t>(splitmix64(seed ^ (i * 0xd1342543de82ef95ULL)) >> 40);
+        const std::uint32_t h = cpu::dropout_draw(seed, i);
         y(r, c) = h >= threshold ? y(r, c) * scale : 0.0f;
       }
   }

@@ -64,15 +64,22 @@ typedef std::uint8_t v8u8 __attribute__((vector_size(8)));
 
 // dropout_draw(seed, base + k) >= threshold for k = 0..7, as a lane mask (-1 kept, 0 dropped).
 inline v8i32 keep_mask8(std::uint64_t seed, std::uint64_t base, std::uint32_t threshold) {
-  const v4u64 lo = v4u64{0, 1, 2, 3} + base, hi = v4u64{4, 5, 6, 7} + base;
-  auto draw = [seed](v4u64 i) {
-    v4u64 z = (seed ^ (i * 0xd1342543de82ef95ULL)) + 0x9e3779b97f4a7c15ULL;
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
-    return __builtin_convertvector(z >> 40, v4u32);
-  };
-  const v4u32 a = draw(lo), b = draw(hi);
-  const v8i32 r = reinterpret_cast<v8i32>(__builtin_shufflevector(a, b, 0, 1, 2, 3, 4, 5, 6, 7));
+  v8i32 r;
+  if ((base >> 32) == ((base + 7) >> 32)) {  // one key for the 8 lanes: dropout_hash32 vectorised
+    typedef std::uint32_t v8u32 __attribute__((vector_size(32)));
+    const std::uint64_t key = dropout_key(seed, base >> 32);
+    v8u32 x = v8u32{0, 1, 2, 3, 4, 5, 6, 7} + static_cast<std::uint32_t>(base);
+    x ^= static_cast<std::uint32_t>(key);
+    x ^= x >> 16;
+    x *= 0x7feb352dU;
+    x ^= x >> 15;
+    x ^= static_cast<std::uint32_t>(key >> 32);
+    x *= 0x846ca68bU;
+    x ^= x >> 16;
+    r = reinterpret_cast<v8i32>(x >> 8);
+  } else {
+    for (int k = 0; k < 8; ++k) r[k] = static_cast<std::int32_t>(dropout_draw(seed, base + k));
+  }
   return r >= static_cast<std::int32_t>(threshold);  // draws are < 2^24: the signed compare is exact
 }
 inline void store_keep8(std::uint8_t* k, v8i32 mask) {

@@ -11,30 +11,31 @@
 #include "core/context.hpp"
 #include "core/error.hpp"
 #include "core/profile.hpp"
+#include "ops/cpu/blas.hpp"
 #include "ops/ops.hpp"
 
 namespace dfm::cpu {
 namespace {
 
-// out = a^T b over row chunks in parallel (a [N, p], b [N, q]).
-Mat gram_tn(const Mat& a, const Mat& b) {
+// a^T a over row chunks in parallel (OpenBLAS ssyrk per chunk; partials summed in thread order,
+// deterministic for a given thread count).
+Mat gram_rows(const Mat& a) {
   const Index n = a.rows();
   const int threads = omp_get_max_threads();
-  std::vector<Mat> part(threads, Mat::Zero(a.cols(), b.cols()));
+  std::vector<Mat> part(threads, Mat::Zero(a.cols(), a.cols()));
 #pragma omp parallel num_threads(threads)
   {
     const int t = omp_get_thread_num();
     const Index lo = n * t / threads, hi = n * (t + 1) / threads;
-    if (hi > lo) part[t].noalias() += a.middleRows(lo, hi - lo).transpose() * b.middleRows(lo, hi - lo);
+    if (hi > lo) blas::gram(a.middleRows(lo, hi - lo), part[t]);
   }
   for (int t = 1; t < threads; ++t) part[0] += part[t];
   return part[0];
 }
 
-// ||h W^T + 1 b^T||_F from G and u, in double.
-double projected_norm(const Mat& gram, const Vec& u, const ConstMatMap& w, const ConstVecMap& b, Index n) {
-  // tr(W G W^T): the D x D product in float (Eigen's GEMM), the sum in double
-  const Mat wg = w * gram;
+// ||h W^T + 1 b^T||_F from wg = W G and u, in double.
+double projected_norm(const Mat& wg, const Vec& u, const ConstMatMap& w, const ConstVecMap& b, Index n) {
+  // tr(W G W^T): the D x D product in float (Eigen's GEMM, done by the caller), the sum in double
   double quad = 0;
   for (Index i = 0; i < w.rows(); ++i) quad += static_cast<double>(wg.row(i).dot(w.row(i)));
   const Eigen::VectorXd bd = b.cast<double>();
@@ -67,12 +68,21 @@ void simple_attn_fused_fwd(const Mat& h, const FoldedProjections& w, int heads, 
   const Views v(w, hd, d);
   const EigenSerialScope serial;
   prof::Section p_gram("fused_fwd.gram");
-  st.gram = gram_tn(h, h);
+  st.gram = gram_rows(h);
   p_gram.stop();
   prof::Section p_small("fused_fwd.dxd");
   st.u = h.colwise().sum().transpose();
-  st.sq = projected_norm(st.gram, st.u, v.wq, v.bq, n);
-  st.sk = projected_norm(st.gram, st.u, v.wk, v.bk, n);
+  // W_q G and W_k G, one per thread: the norms need both, the K side is reused for K^T V below.
+  Mat wqg, wkg;
+#pragma omp parallel sections num_threads(2) if (omp_get_max_threads() > 1)
+  {
+#pragma omp section
+    wqg.noalias() = v.wq * st.gram;
+#pragma omp section
+    wkg.noalias() = v.wk * st.gram;
+  }
+  st.sq = projected_norm(wqg, st.u, v.wq, v.bq, n);
+  st.sk = projected_norm(wkg, st.u, v.wk, v.bk, n);
   const float isq = static_cast<float>(1.0 / st.sq), isk = static_cast<float>(1.0 / st.sk);
   const float fn = static_cast<float>(n);
   st.kv.resize(hd, d);
@@ -90,11 +100,11 @@ void simple_attn_fused_fwd(const Mat& h, const FoldedProjections& w, int heads, 
     if (v.has_v) {  // KV_h = Kn_h^T (h Wv_h^T + 1 bv_h^T)
       const auto wv_h = v.wv.middleRows(hh * d, d);
       const auto bv_h = v.bv.segment(hh * d, d);
-      const Mat kv0 = (wk_h * st.gram + bk_h * st.u.transpose()) * isk;
+      const Mat kv0 = (wkg.middleRows(hh * d, d) + bk_h * st.u.transpose()) * isk;
       kv.noalias() = kv0 * wv_h.transpose() + ks * bv_h.transpose();
       vs = wv_h * st.u + fn * bv_h;
     } else {
-      kv.noalias() = (wk_h * st.gram + bk_h * st.u.transpose()) * isk;
+      kv.noalias() = (wkg.middleRows(hh * d, d) + bk_h * st.u.transpose()) * isk;
       vs = st.u;
     }
     b.middleCols(hh * d, d).noalias() = wq_h.transpose() * kv * isq;
@@ -115,7 +125,8 @@ void simple_attn_fused_fwd(const Mat& h, const FoldedProjections& w, int heads, 
     Mat y;
     for (Index r0 = lo; r0 < hi; r0 += kRows) {
       const Index m = std::min(kRows, hi - r0);
-      y.noalias() = h.middleRows(r0, m) * b;
+      y.resize(m, b.cols());
+      blas::gemm(h.middleRows(r0, m), false, b, false, y);
       for (Index i = 0; i < m; ++i) {
         for (int hh = 0; hh < heads; ++hh) {
           const float den = y(i, hd + hh) + c[hd + hh];
@@ -158,7 +169,7 @@ void simple_attn_fused_bwd(const Mat& h, const FoldedProjections& w, int heads, 
     s_part[th].setZero(d, hd + heads);
     t_part[th].setZero(hd + heads);
     if (hi > lo) {
-      s_part[th].noalias() += h.middleRows(lo, hi - lo).transpose() * x.middleRows(lo, hi - lo);
+      blas::gemm(h.middleRows(lo, hi - lo), true, x.middleRows(lo, hi - lo), false, s_part[th]);
       for (Index i = lo; i < hi; ++i) t_part[th] += x.row(i);
     }
   }
@@ -265,11 +276,8 @@ void simple_attn_fused_bwd(const Mat& h, const FoldedProjections& w, int heads, 
     const Index lo = n * th / threads, hi = n * (th + 1) / threads;
     if (hi > lo) {
       auto out = dh.middleRows(lo, hi - lo);
-      if (accumulate)
-        out.noalias() += x.middleRows(lo, hi - lo) * p;
-      else
-        out.noalias() = x.middleRows(lo, hi - lo) * p;
-      out.noalias() += h.middleRows(lo, hi - lo) * z;
+      blas::gemm(x.middleRows(lo, hi - lo), false, p, false, out, 1.0f, accumulate ? 1.0f : 0.0f);
+      blas::gemm(h.middleRows(lo, hi - lo), false, z, false, out, 1.0f, 1.0f);
       out.rowwise() += zb.transpose();
     }
   }

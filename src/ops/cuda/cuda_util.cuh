@@ -32,13 +32,6 @@ __device__ __forceinline__ float warp_max(float v) {
   return v;
 }
 
-// The hash of cpu::dropout_fwd (src/ops/cpu/ops_cpu.cpp), bit for bit.
-__device__ __forceinline__ std::uint64_t splitmix64(std::uint64_t z) {
-  z += 0x9e3779b97f4a7c15ULL;
-  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
-  z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
-  return z ^ (z >> 31);
-}
 // The per-layer seed of DIFFormer (src/model/difformer.cpp, mix_seed), bit for bit.
 __device__ __forceinline__ std::uint64_t mix_seed_dev(std::uint64_t seed, std::uint64_t salt) {
   std::uint64_t z = seed + 0x9e3779b97f4a7c15ULL * (salt + 1);
@@ -46,9 +39,17 @@ __device__ __forceinline__ std::uint64_t mix_seed_dev(std::uint64_t seed, std::u
   z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
   return z ^ (z >> 31);
 }
+// dropout_draw of src/ops/ops.hpp, bit for bit (32-bit multiplies only).
 __device__ __forceinline__ bool dropout_keep(std::uint64_t seed, std::uint64_t index, std::uint32_t threshold) {
-  const std::uint32_t r = static_cast<std::uint32_t>(splitmix64(seed ^ (index * 0xd1342543de82ef95ULL)) >> 40);
-  return r >= threshold;
+  const std::uint64_t key = seed ^ ((index >> 32) * 0xd1342543de82ef95ULL);
+  std::uint32_t x = static_cast<std::uint32_t>(index) ^ static_cast<std::uint32_t>(key);
+  x ^= x >> 16;
+  x *= 0x7feb352dU;
+  x ^= x >> 15;
+  x ^= static_cast<std::uint32_t>(key >> 32);
+  x *= 0x846ca68bU;
+  x ^= x >> 16;
+  return (x >> 8) >= threshold;
 }
 
 }  // namespace dfm::cuda

@@ -906,7 +906,7 @@ TEST(CudaTrain, CoraEpochsMatchCpu) {
               "test cpu %.2f gpu %.2f; %.2f vs %.2f ms/epoch\n",
               worst, rc.size(), c.best_epoch, g.best_epoch, 100 * c.test, 100 * g.test, c.ms_per_epoch,
               g.ms_per_epoch);
-  EXPECT_GT(rc.back().val, 0.6) << "the run must learn for the comparison to mean something";
+  EXPECT_GT(rc.back().val, 0.5) << "the run must learn for the comparison to mean something";  // 7 classes: chance ~0.15
   EXPECT_NEAR(g.val, c.val, 0.02);
   EXPECT_NEAR(g.test, c.test, 0.02);
   EXPECT_EQ(g.best_params.size(), c.best_params.size());

@@ -397,11 +397,31 @@ constexpr double kSplitCapBytes = 160.0 * (1 << 20);  // most workspace a split 
 
 __device__ __forceinline__ float sigm(float s) { return 1.0f / (1.0f + __expf(-s)); }
 
+// A warp's lanes as 4 row groups x 8 column groups, with lanes n and n^1 in one row group and
+// lanes n and n^2 in one column group: lane bits 0, 2, 4 -> column bits 0, 1, 2; lane bits 1, 3
+// -> row bits 0, 1. (A shared-memory load returns one register per lane and cycle; a warp's
+// 128-bit load is said to take 2 cycles instead of 4 where lane pairs (n, n^1) or (n, n^2) read
+// the same address.)
+__device__ __forceinline__ void lane_rc(int lane, int& r_lo, int& c_lo) {
+  c_lo = (lane & 1) | ((lane >> 1) & 2) | ((lane >> 2) & 4);
+  r_lo = ((lane >> 1) & 1) | ((lane >> 2) & 2);
+}
 // (tx, ty) in 16 x 16; a warp is 4 ty x 8 tx
 __device__ __forceinline__ void thread_xy(int& tx, int& ty) {
   const int t = threadIdx.x, lane = t & 31, warp = t >> 5;
-  tx = ((warp & 1) << 3) | (lane & 7);
-  ty = ((warp >> 1) << 2) | (lane >> 3);
+  int r_lo, c_lo;
+  lane_rc(lane, r_lo, c_lo);
+  tx = ((warp & 1) << 3) | c_lo;
+  ty = ((warp >> 1) << 2) | r_lo;
+}
+// two halves of 128 threads (h = warp / 4), each 16 row groups r x 8 column groups c
+__device__ __forceinline__ void thread_half(int& h, int& r, int& c) {
+  const int t = threadIdx.x, lane = t & 31, warp = t >> 5;
+  int r_lo, c_lo;
+  lane_rc(lane, r_lo, c_lo);
+  h = warp >> 2;
+  r = ((warp & 3) << 2) | r_lo;
+  c = c_lo;
 }
 
 __device__ __forceinline__ void ld4a(float (&o)[4], const float* p) {
@@ -529,6 +549,71 @@ __device__ __forceinline__ void acc_px(float (&o)[8][DP / 16], const float* __re
   }
 }
 
+// acc[j][i] += A[16 j] . B[BS i] over DP columns (A, B at the thread's first rows, [rows][DP + 4])
+template <int DP, int NJ, int NI, int BS>
+__device__ __forceinline__ void dot_rows(float (&acc)[NJ][NI], const float* __restrict__ A,
+                                         const float* __restrict__ B) {
+  constexpr int LD = DP + 4;
+#pragma unroll
+  for (int c = 0; c < DP; c += 4) {
+    float a[NJ][4], b[NI][4];
+#pragma unroll
+    for (int j = 0; j < NJ; ++j) ld4a(a[j], A + j * 16 * LD + c);
+#pragma unroll
+    for (int i = 0; i < NI; ++i) ld4a(b[i], B + i * BS * LD + c);
+#pragma unroll
+    for (int u = 0; u < 4; ++u)
+#pragma unroll
+      for (int j = 0; j < NJ; ++j)
+#pragma unroll
+        for (int i = 0; i < NI; ++i) acc[j][i] = fmaf(a[j][u], b[i][u], acc[j][i]);
+  }
+}
+// the DP / 8 columns of column group c (of 8): DP = 64: 4c .. 4c+3 and 32+4c .. 32+4c+3
+template <int DP>
+__device__ __forceinline__ int col8(int c, int m) {
+  if constexpr (DP == 64) return m < 4 ? 4 * c + m : 28 + 4 * c + m;
+  else return c * (DP / 8) + m;
+}
+template <int DP>
+__device__ __forceinline__ void ldx8(float (&o)[DP / 8], const float* row, int c) {
+  if constexpr (DP == 64) {
+    float a[4], b[4];
+    ld4a(a, row + 4 * c);
+    ld4a(b, row + 32 + 4 * c);
+#pragma unroll
+    for (int m = 0; m < 4; ++m) o[m] = a[m], o[4 + m] = b[m];
+  } else {
+    ldw<DP / 8>(o, row + c * (DP / 8));
+  }
+}
+// o[j][m] += sum_k P[16 j][k] X[k][col8(c, m)] over NK k; P at the thread's first row (stride
+// LPX), X: [NK][DP + 4]
+template <int DP, int LPX, int NK>
+__device__ __forceinline__ void acc_px8(float (&o)[8][DP / 8], const float* __restrict__ P,
+                                        const float* __restrict__ X, int c) {
+  constexpr int LD = DP + 4, CW8 = DP / 8;
+#pragma unroll
+  for (int k = 0; k < NK; k += 4) {
+    float p[8][4], x[4][CW8];
+#pragma unroll
+    for (int j = 0; j < 8; ++j) ld4a(p[j], P + j * 16 * LPX + k);
+#pragma unroll
+    for (int u = 0; u < 4; ++u) ldx8<DP>(x[u], X + (k + u) * LD, c);
+#pragma unroll
+    for (int u = 0; u < 4; ++u)
+#pragma unroll
+      for (int j = 0; j < 8; ++j)
+#pragma unroll
+        for (int m = 0; m < CW8; ++m) o[j][m] = fmaf(p[j][u], x[u][m], o[j][m]);
+  }
+}
+__device__ __forceinline__ void cp_wait_one() {  // all but the latest committed group
+#ifndef SIG_EMU
+  asm volatile("cp.async.wait_group 1;\n" ::: "memory");
+#endif
+}
+
 __device__ __forceinline__ int split_begin(int tiles, int s, int nsplit) {
   return static_cast<int>(static_cast<long long>(tiles) * s / nsplit);
 }
@@ -542,6 +627,8 @@ struct Smem {
   static constexpr int dkv = 2 * kBO * LD + 4 * kBS * LD + 2 * kBO * kLP + 4 * kBS;
   // dQ: Q, dA [kBO][LD], K, V [2][kBS][LD], dS [kBO][kLP]
   static constexpr int dq = 2 * kBO * LD + 4 * kBS * LD + kBO * kLP;
+  // 8 x 8 forward: Q [kBO][LD], K [2][kBO][LD], V [kBO][LD], P [kBO][kBO + 4]
+  static constexpr int fwd8 = 4 * kBO * LD + kBO * (kBO + 4);
 };
 
 // ---- forward: block (query tile, split) --------------------------------------------------------
@@ -906,6 +993,237 @@ __global__ void __launch_bounds__(kT, 1) dq_kernel(const Args g) {
   }
 }
 
+// ---- 8 x 8 forward: block (query tile of 128, split), streams 128-key tiles ------------------
+// S phase: thread (tx, ty) owns queries ty + 16 j and keys tx + 16 i (8 x 8). PV phase: the two
+// halves h of the block take keys 64 h .. 64 h + 63 of the tile; thread (h, r, c) owns queries
+// r + 16 j and the columns col8(c, .) (8 x DP/8); the halves' O are added at the end. K double-
+// buffered; V single-buffered, loaded during the S phase of its tile.
+template <int DP>
+__global__ void __launch_bounds__(kT, 1) fwd8_kernel(const Args g) {
+  constexpr int LD = DP + 4, CW8 = DP / 8, BK = kBO, LPF = kBO + 4;
+  DECLARE_SMEM(sm);
+  float* Qs = sm;
+  float* Kb = Qs + kBO * LD;
+  float* Vs = Kb + 2 * BK * LD;
+  float* Ps = Vs + BK * LD;
+  int tx, ty, h, r, c;
+  thread_xy(tx, ty);
+  thread_half(h, r, c);
+  const int n = g.n, q0 = blockIdx.x * kBO, split = blockIdx.y;
+  const int nt = (n + BK - 1) / BK;
+  const int tb = split_begin(nt, split, g.nsplit), te = split_begin(nt, split + 1, g.nsplit);
+  const bool vec = g.vec != 0;
+  load_rows<DP, kBO>(Qs, g.q, g.ldq, q0, n, g.d, vec);
+  if (tb < te) load_rows<DP, BK>(Kb, g.k, g.ldk, tb * BK, n, g.d, vec);
+  cp_commit();
+  float o[8][CW8] = {}, rs[8] = {};
+  for (int t = tb; t < te; ++t) {
+    const int b = (t - tb) & 1;
+    const float* Ks = Kb + b * BK * LD;
+    cp_wait_all();
+    __syncthreads();  // K of tile t in; every thread done with tile t - 1 (K buffer b ^ 1, V, P)
+    load_rows<DP, BK>(Vs, g.v, g.ldv, t * BK, n, g.d, vec);
+    cp_commit();
+    if (t + 1 < te) load_rows<DP, BK>(Kb + (b ^ 1) * BK * LD, g.k, g.ldk, (t + 1) * BK, n, g.d, vec);
+    cp_commit();
+    {
+      float s[8][8] = {};
+      dot_rows<DP, 8, 8, 16>(s, Qs + ty * LD, Ks + tx * LD);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        const bool valid = t * BK + tx + 16 * i < n;
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+          const float w = valid ? sigm(s[j][i]) : 0.0f;
+          rs[j] += w;
+          Ps[(ty + 16 * j) * LPF + tx + 16 * i] = w;
+        }
+      }
+    }
+    cp_wait_one();    // V of tile t in (K of t + 1 may still fly)
+    __syncthreads();  // P and V visible
+    acc_px8<DP, LPF, 64>(o, Ps + r * LPF + h * 64, Vs + h * 64 * LD, c);
+  }
+  cp_wait_all();
+  __syncthreads();  // done with P: the halves' sums and the row sums go there
+  float* ored = Ps;             // [kBO][DP]: half 1's O
+  float* red = Ps + kBO * DP;   // [16 tx][kBO]
+  if (h == 1) {
+#pragma unroll
+    for (int j = 0; j < 8; ++j)
+#pragma unroll
+      for (int m = 0; m < CW8; ++m) ored[(r + 16 * j) * DP + col8<DP>(c, m)] = o[j][m];
+  }
+#pragma unroll
+  for (int j = 0; j < 8; ++j) red[tx * kBO + ty + 16 * j] = rs[j];
+  __syncthreads();
+  if (h == 1) return;
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+    const int row = r + 16 * j, gr = q0 + row;
+    float sum = 0.0f;
+#pragma unroll
+    for (int x = 0; x < 16; ++x) sum += red[x * kBO + row];
+    if (gr >= n) continue;
+    if (g.nsplit == 1) {
+      const float inv = 1.0f / sum;
+#pragma unroll
+      for (int m = 0; m < CW8; ++m) {
+        const int col = col8<DP>(c, m);
+        if (col < g.d) g.out_a[static_cast<Index>(gr) * g.lda + col] = (o[j][m] + ored[row * DP + col]) * inv;
+      }
+      if (c == 0) g.rowsum[static_cast<Index>(gr) * g.ldr] = sum;
+    } else {
+      float* wo = g.ws + static_cast<Index>(split) * n * DP;
+      float* wr = g.ws + static_cast<Index>(g.nsplit) * n * DP + static_cast<Index>(split) * n;
+#pragma unroll
+      for (int m = 0; m < CW8; ++m) {
+        const int col = col8<DP>(c, m);
+        wo[static_cast<Index>(gr) * DP + col] = o[j][m] + ored[row * DP + col];
+      }
+      if (c == 0) wr[gr] = sum;
+    }
+  }
+}
+
+// ---- 8 x 8 backward, dQ by atomics: block (key tile of 128, split of the 64-query tiles) --------
+// Half 0 of the block computes S^T and later dV, half 1 dP^T and later dK, each thread 8 keys
+// (r + 16 j) x 8 queries (c + 8 i) then 8 keys x DP/8 columns; between, every thread turns its 32
+// elements of the tile into P = w / r and dS in place. dQ part dS^T K: half h over keys 64 h ..,
+// thread (r, c) owns queries 4c .. 4c+3, 32+4c .. 32+4c+3 and columns r * DP/16 ..; added into
+// the [n][DP] accumulator g.ws by atomics.
+template <int DP>
+__global__ void __launch_bounds__(kT, 1) dkvq8_kernel(const Args g) {
+  constexpr int LD = DP + 4, CW8 = DP / 8, CW = DP / 16;
+  DECLARE_SMEM(sm);
+  float* Ks = sm;
+  float* Vs = Ks + kBO * LD;
+  float* Qb = Vs + kBO * LD;
+  float* Ab = Qb + 2 * kBS * LD;
+  float* Ws = Ab + 2 * kBS * LD;  // [kBO keys][kLP]: w, then w / r
+  float* Ds = Ws + kBO * kLP;     // [kBO keys][kLP]: dP, then dS
+  float* Rb = Ds + kBO * kLP;
+  float* Db = Rb + 2 * kBS;
+  int h, r, c;
+  thread_half(h, r, c);
+  const int n = g.n, k0 = blockIdx.x * kBO, split = blockIdx.y;
+  const int nt = (n + kBS - 1) / kBS;
+  const int tb = split_begin(nt, split, g.nsplit), te = split_begin(nt, split + 1, g.nsplit);
+  const bool vec = g.vec != 0;
+  auto load_q = [&](int t, int b) {
+    load_rows<DP, kBS>(Qb + b * kBS * LD, g.q, g.ldq, t * kBS, n, g.d, vec);
+    load_rows<DP, kBS>(Ab + b * kBS * LD, g.da, g.ldda, t * kBS, n, g.d, vec);
+    load_scalars(Rb + b * kBS, g.rowsum_in, g.ldr, t * kBS, n, 0);
+    load_scalars(Db + b * kBS, g.delta, g.ldr, t * kBS, n, kBS);
+  };
+  load_rows<DP, kBO>(Ks, g.k, g.ldk, k0, n, g.d, vec);
+  load_rows<DP, kBO>(Vs, g.v, g.ldv, k0, n, g.d, vec);
+  if (tb < te) load_q(tb, 0);
+  cp_commit();
+  float acc[8][CW8] = {};  // h = 0: dV, h = 1: dK
+  for (int t = tb; t < te; ++t) {
+    const int b = (t - tb) & 1;
+    const float* Qs = Qb + b * kBS * LD;
+    const float* As = Ab + b * kBS * LD;
+    const float* Rs = Rb + b * kBS;
+    const float* Dls = Db + b * kBS;
+    cp_wait_all();
+    __syncthreads();
+    if (t + 1 < te) load_q(t + 1, b ^ 1);
+    cp_commit();
+    {
+      float s[8][8] = {};
+      dot_rows<DP, 8, 8, 8>(s, (h ? Vs : Ks) + r * LD, (h ? As : Qs) + c * LD);
+      if (h == 0) {
+#pragma unroll
+        for (int j = 0; j < 8; ++j)
+#pragma unroll
+          for (int i = 0; i < 8; ++i) Ws[(r + 16 * j) * kLP + c + 8 * i] = sigm(s[j][i]);
+      } else {
+#pragma unroll
+        for (int j = 0; j < 8; ++j)
+#pragma unroll
+          for (int i = 0; i < 8; ++i) Ds[(r + 16 * j) * kLP + c + 8 * i] = s[j][i];
+      }
+    }
+    __syncthreads();
+    {  // query q = tid % 64, keys tid / 64 + 4 m
+      const int q = threadIdx.x & (kBS - 1), kq = threadIdx.x >> 6;
+      const float ri = t * kBS + q < n ? 1.0f / Rs[q] : 0.0f, di = Dls[q];
+#pragma unroll 8
+      for (int m = 0; m < kBO / 4; ++m) {
+        const int e = (kq + 4 * m) * kLP + q;
+        const float w = Ws[e], dp = Ds[e];
+        Ws[e] = w * ri;
+        Ds[e] = w * (1.0f - w) * (g.da_scale * dp - di) * ri;
+      }
+    }
+    __syncthreads();
+    acc_px8<DP, kLP, kBS>(acc, (h ? Ds : Ws) + r * kLP, h ? Qs : As, c);
+    {  // dQ[q][col] += sum over keys 64 h + kk of dS[key][q] K[key][col]
+      float dq[8][CW] = {};
+      const float* Dh = Ds + h * 64 * kLP;
+      const float* Kh = Ks + h * 64 * LD + r * CW;
+#pragma unroll 4
+      for (int kk = 0; kk < 64; ++kk) {
+        float a[4], a2[4], kc[CW];
+        ld4a(a, Dh + kk * kLP + 4 * c);
+        ld4a(a2, Dh + kk * kLP + 32 + 4 * c);
+        ldw<CW>(kc, Kh + kk * LD);
+#pragma unroll
+        for (int u = 0; u < 4; ++u)
+#pragma unroll
+          for (int m = 0; m < CW; ++m) {
+            dq[u][m] = fmaf(a[u], kc[m], dq[u][m]);
+            dq[4 + u][m] = fmaf(a2[u], kc[m], dq[4 + u][m]);
+          }
+      }
+#pragma unroll
+      for (int u = 0; u < 8; ++u) {
+        const int q = t * kBS + (u < 4 ? 4 * c + u : 28 + 4 * c + u);
+        if (q >= n) continue;
+        float* dst = g.ws + static_cast<Index>(q) * DP + r * CW;
+        if constexpr (CW == 4)
+          atomicAdd(reinterpret_cast<float4*>(dst), make_float4(dq[u][0], dq[u][1], dq[u][2], dq[u][3]));
+        else if constexpr (CW == 2)
+          atomicAdd(reinterpret_cast<float2*>(dst), make_float2(dq[u][0], dq[u][1]));
+        else
+          atomicAdd(dst, dq[u][0]);
+      }
+    }
+  }
+  cp_wait_all();
+  if (g.nsplit == 1) {
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      const int row = k0 + r + 16 * j;
+      if (row >= n) continue;
+#pragma unroll
+      for (int m = 0; m < CW8; ++m) {
+        const int col = col8<DP>(c, m);
+        if (col >= g.d) continue;
+        if (h == 1) {
+          g.dk[static_cast<Index>(row) * g.ldk + col] = acc[j][m];
+        } else {
+          float* out = g.dv + static_cast<Index>(row) * g.ldv + col;
+          const float x = g.da_scale * acc[j][m];
+          *out = g.dv_beta == 0.0f ? x : x + g.dv_beta * *out;
+        }
+      }
+    }
+  } else {  // partials as dkv_body (FUSED): dK [nsplit][n][DP], then dV, after dQ [n][DP]
+    float* wk = g.ws + static_cast<Index>(n) * DP + static_cast<Index>(split) * n * DP;
+    float* w = h == 1 ? wk : wk + static_cast<Index>(g.nsplit) * n * DP;
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      const int row = k0 + r + 16 * j;
+      if (row >= n) continue;
+#pragma unroll
+      for (int m = 0; m < CW8; ++m) w[static_cast<Index>(row) * DP + col8<DP>(c, m)] = acc[j][m];
+    }
+  }
+}
+
 // ---- host side --------------------------------------------------------------------------------
 // Splits of the streamed range so that owned tiles x splits fill the SMs' block slots best
 // (waves / splits smallest, a split only for a 1% gain), each split >= 8 streamed tiles and the
@@ -921,8 +1239,11 @@ inline int pick_split(int owned, int streamed, int slots, double bytes_per_split
   return best;
 }
 
+// kernel families: 0 "pass" (8 x 4 tiles, dQ by its own kernel), 1 "fused" (8 x 4, dQ by
+// atomics), 2 "8x8" (fwd8_kernel, dkvq8_kernel: dQ by atomics)
 struct Plan {
   int s_fwd = 1, s_kv = 1, s_q = 1;
+  int kind = 0;
   bool fused = false;
   Index ws_fwd = 0, ws_bwd = 0;  // floats
 };
@@ -946,23 +1267,28 @@ inline int sm_count() { return num_sms(); }
 
 // force_split > 0: that many splits everywhere (clamped to the tiles)
 template <int DP>
-Plan plan(int n, bool fused, int force_split = 0) {
+Plan plan(int n, int kind, int force_split = 0) {
   static const int occ_f = occupancy(fwd_kernel<DP>, Smem<DP>::fwd);
   static const int occ_kv = occupancy(dkv_kernel<DP>, Smem<DP>::dkv);
   static const int occ_kvq = occupancy(dkvq_kernel<DP>, Smem<DP>::dkv);
   static const int occ_q = occupancy(dq_kernel<DP>, Smem<DP>::dq);
+  static const int occ_f8 = occupancy(fwd8_kernel<DP>, Smem<DP>::fwd8);
+  static const int occ_kvq8 = occupancy(dkvq8_kernel<DP>, Smem<DP>::dkv);
   const int sms = sm_count();
+  const bool fused = kind != 0;
   const int owned = (n + kBO - 1) / kBO, streamed = (n + kBS - 1) / kBS;
+  const int streamed_f = kind == 2 ? (n + kBO - 1) / kBO : streamed;
   const double nd = static_cast<double>(n) * DP * sizeof(float);
   Plan p;
+  p.kind = kind;
   p.fused = fused;
   if (force_split > 0) {
-    const int s = std::min(force_split, streamed);
-    p.s_fwd = p.s_kv = s;
-    p.s_q = fused ? 1 : s;
+    p.s_fwd = std::min(force_split, streamed_f);
+    p.s_kv = std::min(force_split, streamed);
+    p.s_q = fused ? 1 : p.s_kv;
   } else {
-    p.s_fwd = pick_split(owned, streamed, sms * occ_f, nd + n * sizeof(float));
-    p.s_kv = pick_split(owned, streamed, sms * (fused ? occ_kvq : occ_kv), 2 * nd);
+    p.s_fwd = pick_split(owned, streamed_f, sms * (kind == 2 ? occ_f8 : occ_f), nd + n * sizeof(float));
+    p.s_kv = pick_split(owned, streamed, sms * (kind == 2 ? occ_kvq8 : (fused ? occ_kvq : occ_kv)), 2 * nd);
     p.s_q = fused ? 1 : pick_split(owned, streamed, sms * occ_q, nd);
   }
   const Index nDP = static_cast<Index>(n) * DP;
@@ -978,7 +1304,10 @@ template <int DP>
 void fwd(Args g, const Plan& p, float* ws, cudaStream_t st) {
   const int owned = (g.n + kBO - 1) / kBO;
   g.nsplit = p.s_fwd, g.ws = ws;
-  LAUNCH(fwd_kernel<DP>, dim3(owned, p.s_fwd), dim3(kT), Smem<DP>::fwd * sizeof(float), st, g);
+  if (p.kind == 2)
+    LAUNCH(fwd8_kernel<DP>, dim3(owned, p.s_fwd), dim3(kT), Smem<DP>::fwd8 * sizeof(float), st, g);
+  else
+    LAUNCH(fwd_kernel<DP>, dim3(owned, p.s_fwd), dim3(kT), Smem<DP>::fwd * sizeof(float), st, g);
   KERNEL_CHECK();
   if (p.s_fwd > 1) {
     LAUNCH(fwd_combine_kernel<DP>, dim3(grid_for(static_cast<Index>(g.n) * DP)), dim3(256), 0, st, g);
@@ -1005,7 +1334,10 @@ void bwd(Args g, float* delta, const Plan& p, float* ws, cudaStream_t st) {
 #else
     CUDA_CHECK(cudaMemsetAsync(ws, 0, nDP * sizeof(float), st));
 #endif
-    LAUNCH(dkvq_kernel<DP>, dim3(owned, p.s_kv), dim3(kT), Smem<DP>::dkv * sizeof(float), st, g);
+    if (p.kind == 2)
+      LAUNCH(dkvq8_kernel<DP>, dim3(owned, p.s_kv), dim3(kT), Smem<DP>::dkv * sizeof(float), st, g);
+    else
+      LAUNCH(dkvq_kernel<DP>, dim3(owned, p.s_kv), dim3(kT), Smem<DP>::dkv * sizeof(float), st, g);
   } else {
     LAUNCH(dkv_kernel<DP>, dim3(owned, p.s_kv), dim3(kT), Smem<DP>::dkv * sizeof(float), st, g);
   }
@@ -1120,9 +1452,9 @@ static void sync_all() {
 #endif
 }
 
-enum Impl { kOld = 0, kPass = 1, kFused = 2 };
+enum Impl { kOld = 0, kPass = 1, kFused = 2, kV8 = 3 };
 static const char* impl_name(int m) {
-  static const char* names[] = {"old", "v6", "v6fused"};
+  static const char* names[] = {"old", "v6pass", "v6fused", "v6x8"};
   return names[m];
 }
 
@@ -1197,7 +1529,7 @@ static void run_impl(int m, Problem& P, bool fwd, bool bwd, int force_split = 0)
     return;
   }
 #endif
-  const v6::Plan p = v6::plan<DP>(P.n, m == kFused, force_split);
+  const v6::Plan p = v6::plan<DP>(P.n, m - 1, force_split);
   P.ensure_ws((size_t)std::max(p.ws_fwd, p.ws_bwd));
   if (fwd) v6::fwd<DP>(g, p, P.ws, 0);
   if (bwd) v6::bwd<DP>(g, P.ddelta, p, P.ws, 0);
@@ -1313,13 +1645,14 @@ int main() {
       {130, 16, 32, 16, 2, 0.25f, 0.0f}, {200, 40, 80, 40, 2, 0.25f, 1.0f}, {520, 64, 128, 64, 2, 0.5f, 0.0f},
       {257, 32, 32, 0, 1, 1.0f, 0.0f}};
   v6::emu_sms = 2;
-  const bool ok = validation(cases, {kPass, kFused});
+  const bool ok = validation(cases, {kPass, kFused, kV8});
   // the split chooser on the H200's 132 SMs
   for (int n : {10000, 30000, 60000}) {
     v6::emu_sms = 132;
-    const v6::Plan p = v6::plan<64>(n, false), pf = v6::plan<64>(n, true);
-    printf("n=%d splits (1 block/SM assumed): fwd %d, dkv %d, dq %d; fused %d; ws %.1f / %.1f MB\n", n, p.s_fwd,
-           p.s_kv, p.s_q, pf.s_kv, p.ws_fwd * 4e-6, std::max(p.ws_bwd, pf.ws_bwd) * 4e-6);
+    const v6::Plan p = v6::plan<64>(n, 0), pf = v6::plan<64>(n, 1), p8 = v6::plan<64>(n, 2);
+    printf("n=%d splits (1 block/SM assumed): fwd %d, dkv %d, dq %d; fused %d; 8x8 fwd %d bwd %d; ws %.1f / %.1f MB\n",
+           n, p.s_fwd, p.s_kv, p.s_q, pf.s_kv, p8.s_fwd, p8.s_kv, p.ws_fwd * 4e-6,
+           std::max({p.ws_bwd, pf.ws_bwd, p8.ws_bwd}) * 4e-6);
   }
   return ok ? 0 : 1;
 }
@@ -1338,14 +1671,17 @@ int main(int argc, char** argv) {
     }
   }
   {
-    const v6::Plan p = v6::plan<64>(30000, false), pf = v6::plan<64>(30000, true);
-    printf("v6 plan at n = 30000, d = 64: splits fwd %d, dkv %d, dq %d, fused %d\n", p.s_fwd, p.s_kv, p.s_q, pf.s_kv);
+    for (int n : {10000, 30000, 60000}) {
+      const v6::Plan p = v6::plan<64>(n, 0), pf = v6::plan<64>(n, 1), p8 = v6::plan<64>(n, 2);
+      printf("v6 plan at n = %d, d = 64: splits fwd %d, dkv %d, dq %d, fused %d; 8x8 fwd %d, bwd %d\n", n, p.s_fwd,
+             p.s_kv, p.s_q, pf.s_kv, p8.s_fwd, p8.s_kv);
+    }
   }
   const std::vector<VCase> cases = {
       {1, 20, 20, 0, 1, 1.0f, 0.0f},       {77, 64, 64, 0, 1, 1.0f, 0.0f},     {301, 29, 87, 29, 3, 1.0f, 1.0f},
       {130, 16, 32, 16, 2, 0.25f, 0.0f},   {200, 40, 80, 40, 2, 0.25f, 1.0f},  {1000, 64, 64, 0, 1, 1.0f, 0.0f},
       {4099, 64, 64, 0, 1, 1.0f, 0.0f},    {4099, 32, 32, 0, 1, 1.0f, 0.0f},   {4099, 16, 16, 0, 1, 1.0f, 0.0f}};
-  const bool ok = validation(cases, {kOld, kPass, kFused});
+  const bool ok = validation(cases, {kOld, kPass, kFused, kV8});
 
   // ---- timing, d = 64, one head
   printf("\n%8s %6s %8s | %10s %8s | %10s %8s | %10s\n", "impl", "split", "N", "fwd ms", "TFLOP/s", "bwd ms", "TFLOP/s",
@@ -1357,7 +1693,7 @@ int main(int argc, char** argv) {
     struct V {
       int m, split;
     };
-    const V vs[] = {{kOld, 0}, {kPass, 0}, {kFused, 0}, {kPass, 1}, {kFused, 1}};
+    const V vs[] = {{kOld, 0}, {kPass, 0}, {kFused, 0}, {kV8, 0}, {kV8, 1}};
     for (const V& v : vs) {
       const int it = N <= 30000 ? 5 : 3;
       run_any(v.m, P, true, true, v.split);  // warm-up (and plan / workspace)

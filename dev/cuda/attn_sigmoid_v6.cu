@@ -25,6 +25,35 @@ v6: a block owns 128 rows and streams 64-row tiles of the other side; 256 thread
   dQ summed in an arbitrary order (not bitwise reproducible).
 FLOPs counted for TFLOP/s: forward 4 N^2 d, backward 14 N^2 d (as v4/v5, whatever the variant).
 
+v6x8 (in this file only; not in the library): fwd8_kernel streams 128-key tiles, each thread 8 x 8
+  scores, and for O += w V the block's halves take 64 keys each (8 queries x DP/8 columns per
+  thread); dkvq8_kernel: half 0 of the block computes S^T then dV, half 1 dP^T then dK, 8 x 8 per
+  thread, the two met in shared memory. Fewer shared loads per FMA, but 254 registers.
+All v6 kernels place lanes so that pairs (n, n^1) share row reads and (n, n^2) column reads
+(lane_rc); the first H200 run used lane & 7 / lane >> 3 instead and measured the same (log).
+
+Measured on an NVIDIA H200 (2026-11-29, attn_sigmoid_v6.h200.log), d = 64, one head, ms
+(TFLOP/s counting 4 N^2 d forward, 14 N^2 d backward):
+                   N = 1e4                 3e4                     6e4
+  old      fwd     1.814 (14.1)          10.655 (21.6)           38.846 (23.7)
+           bwd     6.942 (12.9)          41.944 (19.2)          176.646 (18.3)
+  v6fused  fwd     0.858 (29.8)           7.512 (30.7)           29.871 (30.9)
+           bwd     3.594 (24.9)          31.587 (25.5)          126.203 (25.6)
+  v6pass   bwd     4.387 (20.4)          38.362 (21.0)          152.139 (21.2)
+  v6x8     fwd     1.698 (15.1)          15.015 (15.3)           59.441 (15.5)
+           bwd     3.678 (24.4)          32.456 (24.8)          128.530 (25.1)
+  fwd + bwd: old 8.76 / 52.6 / 215.5; v6fused 4.45 / 39.1 / 156.1 (1.97x / 1.35x / 1.38x).
+  Without the split of the streamed range (s = 1): v6fused 7.22 / 43.3 / 172.2 (first run).
+  Errors vs fp64 at n = 4099, d = 64 (A, dQ, dK, dV): old 1.2e-6 each; v6fused 6.5e-7, 3.2e-7,
+  6.2e-7, 6.0e-7; every case within 1e-5, nothing written outside its columns.
+  Library (difformer bench --kernel sigmoid --features 128 --hidden 64 --layers 2 --precision
+  fp32, ms/step): v6fused 9.45 / 79.2 / 314.6 (first run, earlier lane mapping; 79.0 at 3e4 in
+  the second), v6pass 93.0 at 3e4, v6x8 11.3 / 95.7 / 378.4; the 64 x 64 kernels 18.1 / 106.3 /
+  433 (v5's notes).
+  Not reached: the 28 ms fwd + bwd at 3e4 aimed at (39.1). v6x8 has a third fewer shared loads
+  per FMA and yet runs the forward 2x slower, so shared-memory bandwidth alone does not explain
+  these times; what bounds the kernels needs a profiler (ncu) run.
+
 Build: nvcc -O3 -arch=sm_90 -std=c++17 dev/cuda/attn_sigmoid_v6.cu -o /tmp/attn_sigmoid_v6
 Run:   /tmp/attn_sigmoid_v6 [sizes=10000,30000,60000]
 CPU check of the v6 kernels (no GPU; cuda_emu.hpp):

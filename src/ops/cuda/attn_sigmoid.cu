@@ -1,34 +1,34 @@
 // DIFFormer-a (sigmoid) attention, flash-style, fp32 on the CUDA cores. Nothing N x N is ever
-// stored: a block owns a 128-row tile and streams the other side's tiles through shared memory;
-// the row normaliser r_i = sum_j w_ij is accumulated on the fly and saved (N floats per head) for
-// the backward, which recomputes every tile of w:
+// stored: a block owns a 128-row tile and streams the other side's 64-row tiles through shared
+// memory; the row normaliser r_i = sum_j w_ij is accumulated on the fly and saved (N floats per
+// head) for the backward, which recomputes every tile of w:
 //   forward  (query tiles)  S = Q K^T, w = sigmoid(S), r += rowsum(w), O += w V;  A = O / r
 //   dK, dV   (key tiles)    the tiles transposed: dV += (w / r)^T dA, dK += dS^T Q with
 //                           dP = dA V^T, dS = w (1 - w) (dP - delta) / r
-//   dQ       in the same kernel, each query tile's dS^T K added into an fp32 [n][DP] workspace by
-//            float4 atomics, then copied out (10 N^2 d FLOPs; dQ summed in no fixed order), or,
+//   dQ       in the same kernel: each query tile's dS^T K is added into an fp32 [n][DP] workspace
+//            by float4 atomics, then copied out (10 N^2 d FLOPs; dQ summed in no fixed order); or,
 //            DIFFORMER_SIGMOID_SIMT=pass, by a second kernel over query tiles, dQ += dS K
-//            (14 N^2 d FLOPs, bitwise reproducible)
-// with delta_i = dA_i . A_i from a small pre-pass. 256 threads. What bounds these kernels is the
-// shared memory's return rate (one register per lane and cycle), so each thread keeps large pieces
-// of every product in registers:
-//   default ("8x8")  forward: 128 queries x 128-key tiles, each thread 8 x 8 scores; for O += w V
-//                    the block's halves take 64 keys each, a thread 8 queries x DP/8 columns.
-//                    backward: 128 keys x 64-query tiles; half 0 computes S^T then dV, half 1
-//                    dP^T then dK (8 x 8 per thread each), the two met in shared memory.
-//   "fused", "pass"  (DIFFORMER_SIGMOID_SIMT) 128 x 64 tiles, each thread an 8 x 4 piece of S
-//                    (and of dP) and 8 x DP/16 outputs.
-// Every tile is row-major [rows][DP + 4] (the row stride is 4 banks mod 32, so a warp's float4
-// reads of 4 own and 8 streamed rows hit distinct banks), lanes placed so that pairs (n, n^1) share
-// row reads and pairs (n, n^2) column reads. Streamed tiles come by cp.async (16-byte copies where
-// d % 4 == 0 and the rows are aligned, else 4-byte; zero-fill masks the padding), double-buffered.
-// Where the owned tiles would fill the SMs badly (N = 3e4: 235 tiles on 132 SMs), the streamed
-// range is split over up to 8 blocks (blockIdx.y) writing partials to scratch, summed in a fixed
-// order by a small combine kernel. The width is a template DP in {16, 32, 64}: a smaller d is
-// zero-padded (exact: zeros add nothing to Q.K and the padded output columns are never written).
-// Padded keys are masked to w = 0; padded queries get 1/r = 0, which zeroes their contributions
-// to dK and dV. dev/cuda/attn_sigmoid_v6.cu holds these kernels, the previous ones (64 x 64
-// tiles, 4 x 4 per thread) and their H200 timings.
+//            (14 N^2 d FLOPs, no atomics, bitwise reproducible)
+// with delta_i = dA_i . A_i from a small pre-pass. 256 threads as 16 x 16 (a warp is 4 ty x 8 tx),
+// each owning an 8 x 4 piece of the 128 x 64 score tile (own rows ty + 16 j, streamed rows
+// tx + 16 i) and 8 x DP/16 outputs. Every tile is row-major [rows][DP + 4] (the row stride is 4
+// banks mod 32, so a warp's float4 reads of 4 own and 8 streamed rows hit distinct banks): per 4
+// columns, 8 + 4 float4 loads feed 128 FMAs. The streamed tiles are double-buffered by cp.async
+// (16-byte copies where d % 4 == 0 and the rows are aligned, else 4-byte; zero-fill masks the
+// padding). Where the owned tiles would fill the SMs badly (N = 3e4: 235 tiles on 132 SMs, one
+// block per SM), the streamed range is split over up to 8 blocks (blockIdx.y; 5 at N = 1e4 ..
+// 6e4) writing partials to scratch, summed in a fixed order by a small combine kernel. The width
+// is a template DP in {16, 32, 64}: a smaller d is zero-padded (exact: zeros add nothing to Q.K
+// and the padded output columns are never written). Padded keys are masked to w = 0; padded
+// queries get 1/r = 0, which zeroes their contributions to dK and dV.
+// H200, d = 64, one head (dev/cuda/attn_sigmoid_v6.cu and .h200.log; ms, fwd / bwd):
+//   N = 1e4: 0.86 / 3.59 (previous 64 x 64 kernels: 1.81 / 6.94)
+//   N = 3e4: 7.51 / 31.6 (10.7 / 41.9): 30.7 TFLOP/s forward, 25.5 backward counted as 14 N^2 d
+//   N = 6e4: 29.9 / 126  (38.8 / 177)
+// Forward 46% of the 67 TFLOP/s fp32 peak, backward 27% on its 10 N^2 d FLOPs. No profiler run
+// says what bounds them: an 8 x 8 register-tile variant with a third fewer shared-memory loads per
+// FMA ran the forward 2x slower and the backward no faster (254 registers, 8 warps per SM; see
+// the scratchpad).
 // These are the CUDA-core kernels: precision fp32 by default. tf32 and bf16 run the tensor-core
 // kernels of attn_sigmoid_tc.cuh (mma.sync, the scores in registers), and so does fp32 as 3xTF32
 // with DIFFORMER_SIGMOID_IMPL=mma; see cuda_ops.hpp and dev/cuda/attn_sigmoid_v5.cu.
@@ -80,16 +80,6 @@ __device__ __forceinline__ void thread_xy(int& tx, int& ty) {
   tx = ((warp & 1) << 3) | c_lo;
   ty = ((warp >> 1) << 2) | r_lo;
 }
-// two halves of 128 threads (h = warp / 4), each 16 row groups r x 8 column groups c
-__device__ __forceinline__ void thread_half(int& h, int& r, int& c) {
-  const int t = threadIdx.x, lane = t & 31, warp = t >> 5;
-  int r_lo, c_lo;
-  lane_rc(lane, r_lo, c_lo);
-  h = warp >> 2;
-  r = ((warp & 3) << 2) | r_lo;
-  c = c_lo;
-}
-
 __device__ __forceinline__ void ld4a(float (&o)[4], const float* p) {
   const float4 v = *reinterpret_cast<const float4*>(p);
   o[0] = v.x, o[1] = v.y, o[2] = v.z, o[3] = v.w;
@@ -203,69 +193,6 @@ __device__ __forceinline__ void acc_px(float (&o)[8][DP / 16], const float* __re
   }
 }
 
-// acc[j][i] += A[16 j] . B[BS i] over DP columns (A, B at the thread's first rows, [rows][DP + 4])
-template <int DP, int NJ, int NI, int BS>
-__device__ __forceinline__ void dot_rows(float (&acc)[NJ][NI], const float* __restrict__ A,
-                                         const float* __restrict__ B) {
-  constexpr int LD = DP + 4;
-#pragma unroll
-  for (int c = 0; c < DP; c += 4) {
-    float a[NJ][4], b[NI][4];
-#pragma unroll
-    for (int j = 0; j < NJ; ++j) ld4a(a[j], A + j * 16 * LD + c);
-#pragma unroll
-    for (int i = 0; i < NI; ++i) ld4a(b[i], B + i * BS * LD + c);
-#pragma unroll
-    for (int u = 0; u < 4; ++u)
-#pragma unroll
-      for (int j = 0; j < NJ; ++j)
-#pragma unroll
-        for (int i = 0; i < NI; ++i) acc[j][i] = fmaf(a[j][u], b[i][u], acc[j][i]);
-  }
-}
-// the DP / 8 columns of column group c (of 8): DP = 64: 4c .. 4c+3 and 32+4c .. 32+4c+3
-template <int DP>
-__device__ __forceinline__ int col8(int c, int m) {
-  if constexpr (DP == 64) return m < 4 ? 4 * c + m : 28 + 4 * c + m;
-  else return c * (DP / 8) + m;
-}
-template <int DP>
-__device__ __forceinline__ void ldx8(float (&o)[DP / 8], const float* row, int c) {
-  if constexpr (DP == 64) {
-    float a[4], b[4];
-    ld4a(a, row + 4 * c);
-    ld4a(b, row + 32 + 4 * c);
-#pragma unroll
-    for (int m = 0; m < 4; ++m) o[m] = a[m], o[4 + m] = b[m];
-  } else {
-    ldw<DP / 8>(o, row + c * (DP / 8));
-  }
-}
-// o[j][m] += sum_k P[16 j][k] X[k][col8(c, m)] over NK k; P at the thread's first row (stride
-// LPX), X: [NK][DP + 4]
-template <int DP, int LPX, int NK>
-__device__ __forceinline__ void acc_px8(float (&o)[8][DP / 8], const float* __restrict__ P,
-                                        const float* __restrict__ X, int c) {
-  constexpr int LD = DP + 4, CW8 = DP / 8;
-#pragma unroll
-  for (int k = 0; k < NK; k += 4) {
-    float p[8][4], x[4][CW8];
-#pragma unroll
-    for (int j = 0; j < 8; ++j) ld4a(p[j], P + j * 16 * LPX + k);
-#pragma unroll
-    for (int u = 0; u < 4; ++u) ldx8<DP>(x[u], X + (k + u) * LD, c);
-#pragma unroll
-    for (int u = 0; u < 4; ++u)
-#pragma unroll
-      for (int j = 0; j < 8; ++j)
-#pragma unroll
-        for (int m = 0; m < CW8; ++m) o[j][m] = fmaf(p[j][u], x[u][m], o[j][m]);
-  }
-}
-__device__ __forceinline__ void cp_wait_one() {  // all but the latest committed group
-  asm volatile("cp.async.wait_group 1;\n" ::: "memory");
-}
-
 __device__ __forceinline__ int split_begin(int tiles, int s, int nsplit) {
   return static_cast<int>(static_cast<long long>(tiles) * s / nsplit);
 }
@@ -279,8 +206,6 @@ struct Smem {
   static constexpr int dkv = 2 * kBO * LD + 4 * kBS * LD + 2 * kBO * kLP + 4 * kBS;
   // dQ: Q, dA [kBO][LD], K, V [2][kBS][LD], dS [kBO][kLP]
   static constexpr int dq = 2 * kBO * LD + 4 * kBS * LD + kBO * kLP;
-  // 8 x 8 forward: Q [kBO][LD], K [2][kBO][LD], V [kBO][LD], P [kBO][kBO + 4]
-  static constexpr int fwd8 = 4 * kBO * LD + kBO * (kBO + 4);
 };
 
 // ---- forward: block (query tile, split) --------------------------------------------------------
@@ -649,239 +574,6 @@ __global__ void __launch_bounds__(kT, 1) dq_kernel(const SigArgs g) {
   }
 }
 
-// ---- 8 x 8 forward: block (query tile of 128, split), streams 128-key tiles ------------------
-// S phase: thread (tx, ty) owns queries ty + 16 j and keys tx + 16 i (8 x 8). PV phase: the two
-// halves h of the block take keys 64 h .. 64 h + 63 of the tile; thread (h, r, c) owns queries
-// r + 16 j and the columns col8(c, .) (8 x DP/8); the halves' O are added at the end. K double-
-// buffered; V single-buffered, loaded during the S phase of its tile.
-template <int DP>
-__global__ void __launch_bounds__(kT, 1) fwd8_kernel(const SigArgs g) {
-  constexpr int LD = DP + 4, CW8 = DP / 8, BK = kBO, LPF = kBO + 4;
-  extern __shared__ float4 smem4[];
-  float* sm = reinterpret_cast<float*>(smem4);
-  float* Qs = sm;
-  float* Kb = Qs + kBO * LD;
-  float* Vs = Kb + 2 * BK * LD;
-  float* Ps = Vs + BK * LD;
-  int tx, ty, h, r, c;
-  thread_xy(tx, ty);
-  thread_half(h, r, c);
-  const int n = g.n, q0 = blockIdx.x * kBO, split = blockIdx.y;
-  const int nt = (n + BK - 1) / BK;
-  const int tb = split_begin(nt, split, g.nsplit), te = split_begin(nt, split + 1, g.nsplit);
-  const bool vec = g.vec != 0;
-  load_rows<DP, kBO>(Qs, g.q, g.ldq, q0, n, g.d, vec);
-  if (tb < te) load_rows<DP, BK>(Kb, g.k, g.ldk, tb * BK, n, g.d, vec);
-  cp_commit();
-  float o[8][CW8] = {}, rs[8] = {};
-  for (int t = tb; t < te; ++t) {
-    const int b = (t - tb) & 1;
-    const float* Ks = Kb + b * BK * LD;
-    cp_wait_all();
-    __syncthreads();  // K of tile t in; every thread done with tile t - 1 (K buffer b ^ 1, V, P)
-    load_rows<DP, BK>(Vs, g.v, g.ldv, t * BK, n, g.d, vec);
-    cp_commit();
-    if (t + 1 < te) load_rows<DP, BK>(Kb + (b ^ 1) * BK * LD, g.k, g.ldk, (t + 1) * BK, n, g.d, vec);
-    cp_commit();
-    {
-      float s[8][8] = {};
-      dot_rows<DP, 8, 8, 16>(s, Qs + ty * LD, Ks + tx * LD);
-#pragma unroll
-      for (int i = 0; i < 8; ++i) {
-        const bool valid = t * BK + tx + 16 * i < n;
-#pragma unroll
-        for (int j = 0; j < 8; ++j) {
-          const float w = valid ? sigm(s[j][i]) : 0.0f;
-          rs[j] += w;
-          Ps[(ty + 16 * j) * LPF + tx + 16 * i] = w;
-        }
-      }
-    }
-    cp_wait_one();    // V of tile t in (K of t + 1 may still fly)
-    __syncthreads();  // P and V visible
-    acc_px8<DP, LPF, 64>(o, Ps + r * LPF + h * 64, Vs + h * 64 * LD, c);
-  }
-  cp_wait_all();
-  __syncthreads();  // done with P: the halves' sums and the row sums go there
-  float* ored = Ps;             // [kBO][DP]: half 1's O
-  float* red = Ps + kBO * DP;   // [16 tx][kBO]
-  if (h == 1) {
-#pragma unroll
-    for (int j = 0; j < 8; ++j)
-#pragma unroll
-      for (int m = 0; m < CW8; ++m) ored[(r + 16 * j) * DP + col8<DP>(c, m)] = o[j][m];
-  }
-#pragma unroll
-  for (int j = 0; j < 8; ++j) red[tx * kBO + ty + 16 * j] = rs[j];
-  __syncthreads();
-  if (h == 1) return;
-#pragma unroll
-  for (int j = 0; j < 8; ++j) {
-    const int row = r + 16 * j, gr = q0 + row;
-    float sum = 0.0f;
-#pragma unroll
-    for (int x = 0; x < 16; ++x) sum += red[x * kBO + row];
-    if (gr >= n) continue;
-    if (g.nsplit == 1) {
-      const float inv = 1.0f / sum;
-#pragma unroll
-      for (int m = 0; m < CW8; ++m) {
-        const int col = col8<DP>(c, m);
-        if (col < g.d) g.out_a[static_cast<Index>(gr) * g.lda + col] = (o[j][m] + ored[row * DP + col]) * inv;
-      }
-      if (c == 0) g.rowsum[static_cast<Index>(gr) * g.ldr] = sum;
-    } else {
-      float* wo = g.ws + static_cast<Index>(split) * n * DP;
-      float* wr = g.ws + static_cast<Index>(g.nsplit) * n * DP + static_cast<Index>(split) * n;
-#pragma unroll
-      for (int m = 0; m < CW8; ++m) {
-        const int col = col8<DP>(c, m);
-        wo[static_cast<Index>(gr) * DP + col] = o[j][m] + ored[row * DP + col];
-      }
-      if (c == 0) wr[gr] = sum;
-    }
-  }
-}
-
-// ---- 8 x 8 backward, dQ by atomics: block (key tile of 128, split of the 64-query tiles) --------
-// Half 0 of the block computes S^T and later dV, half 1 dP^T and later dK, each thread 8 keys
-// (r + 16 j) x 8 queries (c + 8 i) then 8 keys x DP/8 columns; between, every thread turns its 32
-// elements of the tile into P = w / r and dS in place. dQ part dS^T K: half h over keys 64 h ..,
-// thread (r, c) owns queries 4c .. 4c+3, 32+4c .. 32+4c+3 and columns r * DP/16 ..; added into
-// the [n][DP] accumulator g.ws by atomics.
-template <int DP>
-__global__ void __launch_bounds__(kT, 1) dkvq8_kernel(const SigArgs g) {
-  constexpr int LD = DP + 4, CW8 = DP / 8, CW = DP / 16;
-  extern __shared__ float4 smem4[];
-  float* sm = reinterpret_cast<float*>(smem4);
-  float* Ks = sm;
-  float* Vs = Ks + kBO * LD;
-  float* Qb = Vs + kBO * LD;
-  float* Ab = Qb + 2 * kBS * LD;
-  float* Ws = Ab + 2 * kBS * LD;  // [kBO keys][kLP]: w, then w / r
-  float* Ds = Ws + kBO * kLP;     // [kBO keys][kLP]: dP, then dS
-  float* Rb = Ds + kBO * kLP;
-  float* Db = Rb + 2 * kBS;
-  int h, r, c;
-  thread_half(h, r, c);
-  const int n = g.n, k0 = blockIdx.x * kBO, split = blockIdx.y;
-  const int nt = (n + kBS - 1) / kBS;
-  const int tb = split_begin(nt, split, g.nsplit), te = split_begin(nt, split + 1, g.nsplit);
-  const bool vec = g.vec != 0;
-  auto load_q = [&](int t, int b) {
-    load_rows<DP, kBS>(Qb + b * kBS * LD, g.q, g.ldq, t * kBS, n, g.d, vec);
-    load_rows<DP, kBS>(Ab + b * kBS * LD, g.da, g.ldda, t * kBS, n, g.d, vec);
-    load_scalars(Rb + b * kBS, g.rowsum_in, g.ldr, t * kBS, n, 0);
-    load_scalars(Db + b * kBS, g.delta, g.ldr, t * kBS, n, kBS);
-  };
-  load_rows<DP, kBO>(Ks, g.k, g.ldk, k0, n, g.d, vec);
-  load_rows<DP, kBO>(Vs, g.v, g.ldv, k0, n, g.d, vec);
-  if (tb < te) load_q(tb, 0);
-  cp_commit();
-  float acc[8][CW8] = {};  // h = 0: dV, h = 1: dK
-  for (int t = tb; t < te; ++t) {
-    const int b = (t - tb) & 1;
-    const float* Qs = Qb + b * kBS * LD;
-    const float* As = Ab + b * kBS * LD;
-    const float* Rs = Rb + b * kBS;
-    const float* Dls = Db + b * kBS;
-    cp_wait_all();
-    __syncthreads();
-    if (t + 1 < te) load_q(t + 1, b ^ 1);
-    cp_commit();
-    {
-      float s[8][8] = {};
-      dot_rows<DP, 8, 8, 8>(s, (h ? Vs : Ks) + r * LD, (h ? As : Qs) + c * LD);
-      if (h == 0) {
-#pragma unroll
-        for (int j = 0; j < 8; ++j)
-#pragma unroll
-          for (int i = 0; i < 8; ++i) Ws[(r + 16 * j) * kLP + c + 8 * i] = sigm(s[j][i]);
-      } else {
-#pragma unroll
-        for (int j = 0; j < 8; ++j)
-#pragma unroll
-          for (int i = 0; i < 8; ++i) Ds[(r + 16 * j) * kLP + c + 8 * i] = s[j][i];
-      }
-    }
-    __syncthreads();
-    {  // query q = tid % 64, keys tid / 64 + 4 m
-      const int q = threadIdx.x & (kBS - 1), kq = threadIdx.x >> 6;
-      const float ri = t * kBS + q < n ? 1.0f / Rs[q] : 0.0f, di = Dls[q];
-#pragma unroll 8
-      for (int m = 0; m < kBO / 4; ++m) {
-        const int e = (kq + 4 * m) * kLP + q;
-        const float w = Ws[e], dp = Ds[e];
-        Ws[e] = w * ri;
-        Ds[e] = w * (1.0f - w) * (g.da_scale * dp - di) * ri;
-      }
-    }
-    __syncthreads();
-    acc_px8<DP, kLP, kBS>(acc, (h ? Ds : Ws) + r * kLP, h ? Qs : As, c);
-    {  // dQ[q][col] += sum over keys 64 h + kk of dS[key][q] K[key][col]
-      float dq[8][CW] = {};
-      const float* Dh = Ds + h * 64 * kLP;
-      const float* Kh = Ks + h * 64 * LD + r * CW;
-#pragma unroll 4
-      for (int kk = 0; kk < 64; ++kk) {
-        float a[4], a2[4], kc[CW];
-        ld4a(a, Dh + kk * kLP + 4 * c);
-        ld4a(a2, Dh + kk * kLP + 32 + 4 * c);
-        ldw<CW>(kc, Kh + kk * LD);
-#pragma unroll
-        for (int u = 0; u < 4; ++u)
-#pragma unroll
-          for (int m = 0; m < CW; ++m) {
-            dq[u][m] = fmaf(a[u], kc[m], dq[u][m]);
-            dq[4 + u][m] = fmaf(a2[u], kc[m], dq[4 + u][m]);
-          }
-      }
-#pragma unroll
-      for (int u = 0; u < 8; ++u) {
-        const int q = t * kBS + (u < 4 ? 4 * c + u : 28 + 4 * c + u);
-        if (q >= n) continue;
-        float* dst = g.ws + static_cast<Index>(q) * DP + r * CW;
-        if constexpr (CW == 4)
-          atomicAdd(reinterpret_cast<float4*>(dst), make_float4(dq[u][0], dq[u][1], dq[u][2], dq[u][3]));
-        else if constexpr (CW == 2)
-          atomicAdd(reinterpret_cast<float2*>(dst), make_float2(dq[u][0], dq[u][1]));
-        else
-          atomicAdd(dst, dq[u][0]);
-      }
-    }
-  }
-  cp_wait_all();
-  if (g.nsplit == 1) {
-#pragma unroll
-    for (int j = 0; j < 8; ++j) {
-      const int row = k0 + r + 16 * j;
-      if (row >= n) continue;
-#pragma unroll
-      for (int m = 0; m < CW8; ++m) {
-        const int col = col8<DP>(c, m);
-        if (col >= g.d) continue;
-        if (h == 1) {
-          g.dk[static_cast<Index>(row) * g.ldk + col] = acc[j][m];
-        } else {
-          float* out = g.dv + static_cast<Index>(row) * g.ldv + col;
-          const float x = g.da_scale * acc[j][m];
-          *out = g.dv_beta == 0.0f ? x : x + g.dv_beta * *out;
-        }
-      }
-    }
-  } else {  // partials as dkv_body (FUSED): dK [nsplit][n][DP], then dV, after dQ [n][DP]
-    float* wk = g.ws + static_cast<Index>(n) * DP + static_cast<Index>(split) * n * DP;
-    float* w = h == 1 ? wk : wk + static_cast<Index>(g.nsplit) * n * DP;
-#pragma unroll
-    for (int j = 0; j < 8; ++j) {
-      const int row = k0 + r + 16 * j;
-      if (row >= n) continue;
-#pragma unroll
-      for (int m = 0; m < CW8; ++m) w[static_cast<Index>(row) * DP + col8<DP>(c, m)] = acc[j][m];
-    }
-  }
-}
-
 // ---- host side --------------------------------------------------------------------------------
 // Splits of the streamed range so that owned tiles x splits fill the SMs' block slots best
 // (waves / splits smallest, a split only for a 1% gain), each split >= 8 streamed tiles and the
@@ -897,20 +589,16 @@ int pick_split(int owned, int streamed, int slots, double bytes_per_split) {
   return best;
 }
 
-// Kernel families: "8x8" (default: fwd8_kernel, dkvq8_kernel, dQ by atomics), "fused" (the 8 x 4
-// kernels fwd_kernel, dkvq_kernel, dQ by atomics), "pass" (fwd_kernel, dkv_kernel, dq_kernel: no
-// atomics, bitwise reproducible). DIFFORMER_SIGMOID_SIMT picks one; read at every call.
-enum class Family { x8 = 2, fused = 1, pass = 0 };
-Family simt_family() {
+// DIFFORMER_SIGMOID_SIMT=pass: dQ by its own kernel (no atomics, bitwise reproducible); else by
+// atomics in the dK/dV kernel. Read at every call.
+bool simt_dq_fused() {
   const char* e = std::getenv("DIFFORMER_SIGMOID_SIMT");
-  if (e != nullptr && std::strcmp(e, "pass") == 0) return Family::pass;
-  if (e != nullptr && std::strcmp(e, "fused") == 0) return Family::fused;
-  return Family::x8;
+  return !(e != nullptr && std::strcmp(e, "pass") == 0);
 }
 
 struct Plan {
   int s_fwd = 1, s_kv = 1, s_q = 1;
-  Family fam = Family::x8;
+  bool fused = true;
   Index ws_fwd = 0, ws_bwd = 0;  // scratch floats
 };
 
@@ -924,21 +612,18 @@ int occupancy(Kernel kernel, int smem_floats) {
 }
 
 template <int DP>
-Plan plan(int n, Family fam, int sms) {
+Plan plan(int n, bool fused, int sms) {
   // also sets every kernel's shared-memory limit (once, at the first, eager, call)
   static const int occ_f = occupancy(fwd_kernel<DP>, Smem<DP>::fwd);
   static const int occ_kv = occupancy(dkv_kernel<DP>, Smem<DP>::dkv);
   static const int occ_kvq = occupancy(dkvq_kernel<DP>, Smem<DP>::dkv);
   static const int occ_q = occupancy(dq_kernel<DP>, Smem<DP>::dq);
-  static const int occ_f8 = occupancy(fwd8_kernel<DP>, Smem<DP>::fwd8);
-  static const int occ_kvq8 = occupancy(dkvq8_kernel<DP>, Smem<DP>::dkv);
-  const bool x8 = fam == Family::x8, fused = fam != Family::pass;
   const int owned = (n + kBO - 1) / kBO, streamed = (n + kBS - 1) / kBS;
   const double nd = static_cast<double>(n) * DP * sizeof(float);
   Plan p;
-  p.fam = fam;
-  p.s_fwd = pick_split(owned, x8 ? owned : streamed, sms * (x8 ? occ_f8 : occ_f), nd + n * sizeof(float));
-  p.s_kv = pick_split(owned, streamed, sms * (x8 ? occ_kvq8 : (fused ? occ_kvq : occ_kv)), 2 * nd);
+  p.fused = fused;
+  p.s_fwd = pick_split(owned, streamed, sms * occ_f, nd + n * sizeof(float));
+  p.s_kv = pick_split(owned, streamed, sms * (fused ? occ_kvq : occ_kv), 2 * nd);
   p.s_q = fused ? 1 : pick_split(owned, streamed, sms * occ_q, nd);
   const Index nDP = static_cast<Index>(n) * DP;
   p.ws_fwd = p.s_fwd > 1 ? p.s_fwd * (nDP + n) : 0;
@@ -946,8 +631,8 @@ Plan plan(int n, Family fam, int sms) {
   p.ws_bwd = fused ? nDP + kv : std::max(kv, p.s_q > 1 ? p.s_q * nDP : Index{0});
   return p;
 }
-Plan plan_any(int dp, int n, Family fam, int sms) {
-  return dp == 16 ? plan<16>(n, fam, sms) : (dp == 32 ? plan<32>(n, fam, sms) : plan<64>(n, fam, sms));
+Plan plan_any(int dp, int n, bool fused, int sms) {
+  return dp == 16 ? plan<16>(n, fused, sms) : (dp == 32 ? plan<32>(n, fused, sms) : plan<64>(n, fused, sms));
 }
 
 int grid_for(Index work) { return static_cast<int>(std::min<Index>((work + 255) / 256, 4096)); }
@@ -956,10 +641,7 @@ template <int DP>
 void launch_fwd(SigArgs g, const Plan& p, float* ws, cudaStream_t st) {
   const int owned = (g.n + kBO - 1) / kBO;
   g.nsplit = p.s_fwd, g.ws = ws;
-  if (p.fam == Family::x8)
-    fwd8_kernel<DP><<<dim3(owned, p.s_fwd), kT, Smem<DP>::fwd8 * sizeof(float), st>>>(g);
-  else
-    fwd_kernel<DP><<<dim3(owned, p.s_fwd), kT, Smem<DP>::fwd * sizeof(float), st>>>(g);
+  fwd_kernel<DP><<<dim3(owned, p.s_fwd), kT, Smem<DP>::fwd * sizeof(float), st>>>(g);
   DFM_CUDA_LAUNCH_CHECK();
   if (p.s_fwd > 1) {
     fwd_combine_kernel<DP><<<grid_for(static_cast<Index>(g.n) * DP), 256, 0, st>>>(g);
@@ -972,15 +654,12 @@ template <int DP>
 void launch_bwd(SigArgs g, const Plan& p, float* ws, cudaStream_t st) {
   const int owned = (g.n + kBO - 1) / kBO;
   const Index nDP = static_cast<Index>(g.n) * DP;
-  const bool fused = p.fam != Family::pass;
+  const bool fused = p.fused;
   g.ws = ws;
   g.nsplit = p.s_kv;
   if (fused) {
     DFM_CUDA_CHECK(cudaMemsetAsync(ws, 0, nDP * sizeof(float), st));
-    if (p.fam == Family::x8)
-      dkvq8_kernel<DP><<<dim3(owned, p.s_kv), kT, Smem<DP>::dkv * sizeof(float), st>>>(g);
-    else
-      dkvq_kernel<DP><<<dim3(owned, p.s_kv), kT, Smem<DP>::dkv * sizeof(float), st>>>(g);
+    dkvq_kernel<DP><<<dim3(owned, p.s_kv), kT, Smem<DP>::dkv * sizeof(float), st>>>(g);
   } else {
     dkv_kernel<DP><<<dim3(owned, p.s_kv), kT, Smem<DP>::dkv * sizeof(float), st>>>(g);
   }
@@ -1126,7 +805,7 @@ void sigmoid_attn_fwd(GpuContext& ctx, const AttnDims& dm, const float* q, const
   bool aligned = dm.d % 4 == 0 && aligned16(q, dm.heads * dm.d) && aligned16(k, dm.heads * dm.d) &&
                  aligned16(v, dm.vheads * dm.d);
   const std::size_t wbytes = tc_work_bytes(impl, prec, dm, dp, aligned);
-  const Plan plan = impl == Impl::simt ? plan_any(dp, static_cast<int>(dm.n), simt_family(), ctx.sms()) : Plan{};
+  const Plan plan = impl == Impl::simt ? plan_any(dp, static_cast<int>(dm.n), true, ctx.sms()) : Plan{};
   const std::size_t sbytes = static_cast<std::size_t>(plan.ws_fwd) * sizeof(float);
   if (wbytes + sbytes) ctx.ensure_scratch(wbytes + sbytes + 512);
   ScratchScope scope(ctx);
@@ -1160,7 +839,7 @@ void sigmoid_attn_bwd(GpuContext& ctx, const AttnDims& dm, const float* q, const
   bool aligned = dm.d % 4 == 0 && aligned16(q, dm.heads * dm.d) && aligned16(k, dm.heads * dm.d) &&
                  aligned16(v, dm.vheads * dm.d) && aligned16(da, da_ld) && da_head_stride % 4 == 0;
   const std::size_t wbytes = tc_work_bytes(impl, prec, dm, dp, aligned);
-  const Plan plan = impl == Impl::simt ? plan_any(dp, static_cast<int>(dm.n), simt_family(), ctx.sms()) : Plan{};
+  const Plan plan = impl == Impl::simt ? plan_any(dp, static_cast<int>(dm.n), simt_dq_fused(), ctx.sms()) : Plan{};
   const std::size_t sbytes = static_cast<std::size_t>(plan.ws_bwd) * sizeof(float);
   if (wbytes + sbytes) ctx.ensure_scratch(wbytes + sbytes + 512);
   ScratchScope scope(ctx);

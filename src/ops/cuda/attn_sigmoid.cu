@@ -1,20 +1,39 @@
 // DIFFormer-a (sigmoid) attention, flash-style, fp32 on the CUDA cores. Nothing N x N is ever
-// stored: a block owns a 64-row tile and streams the other side's 64-row tiles through shared
+// stored: a block owns a 128-row tile and streams the other side's 64-row tiles through shared
 // memory; the row normaliser r_i = sum_j w_ij is accumulated on the fly and saved (N floats per
 // head) for the backward, which recomputes every tile of w:
 //   forward  (query tiles)  S = Q K^T, w = sigmoid(S), r += rowsum(w), O += w V;  A = O / r
-//   dQ       (query tiles)  dP = dA V^T, dS = w (1 - w) (dP - delta) / r, dQ += dS K
-//   dK, dV   (key tiles)    the same tiles transposed: dV += (w / r)^T dA, dK += dS^T Q
-// with delta_i = dA_i . A_i from a small pre-pass. 256 threads as 16 x 16, each owning a 4 x 4
-// piece of the 64 x 64 score tile and 4 x (D/16) outputs; tiles that feed a product's inner loop
-// are stored transposed so that every thread reads float4s (broadcast within a warp). The width
+//   dK, dV   (key tiles)    the tiles transposed: dV += (w / r)^T dA, dK += dS^T Q with
+//                           dP = dA V^T, dS = w (1 - w) (dP - delta) / r
+//   dQ       in the same kernel: each query tile's dS^T K is added into an fp32 [n][DP] workspace
+//            by float4 atomics, then copied out (10 N^2 d FLOPs; dQ summed in no fixed order); or,
+//            DIFFORMER_SIGMOID_SIMT=pass, by a second kernel over query tiles, dQ += dS K
+//            (14 N^2 d FLOPs, no atomics, bitwise reproducible)
+// with delta_i = dA_i . A_i from a small pre-pass. 256 threads as 16 x 16 (a warp is 4 ty x 8 tx),
+// each owning an 8 x 4 piece of the 128 x 64 score tile (own rows ty + 16 j, streamed rows
+// tx + 16 i) and 8 x DP/16 outputs. Every tile is row-major [rows][DP + 4] (the row stride is 4
+// banks mod 32, so a warp's float4 reads of 4 own and 8 streamed rows hit distinct banks): per 4
+// columns, 8 + 4 float4 loads feed 128 FMAs. The streamed tiles are double-buffered by cp.async
+// (16-byte copies where d % 4 == 0 and the rows are aligned, else 4-byte; zero-fill masks the
+// padding). Where the owned tiles would fill the SMs badly (N = 3e4: 235 tiles on 132 SMs, one
+// block per SM), the streamed range is split over up to 8 blocks (blockIdx.y; 5 at N = 1e4 ..
+// 6e4) writing partials to scratch, summed in a fixed order by a small combine kernel. The width
 // is a template DP in {16, 32, 64}: a smaller d is zero-padded (exact: zeros add nothing to Q.K
 // and the padded output columns are never written). Padded keys are masked to w = 0; padded
 // queries get 1/r = 0, which zeroes their contributions to dK and dV.
+// H200, d = 64, one head (dev/cuda/attn_sigmoid_v6.cu and .h200.log; ms, fwd / bwd):
+//   N = 1e4: 0.86 / 3.59 (previous 64 x 64 kernels: 1.81 / 6.94)
+//   N = 3e4: 7.51 / 31.6 (10.7 / 41.9): 30.7 TFLOP/s forward, 25.5 backward counted as 14 N^2 d
+//   N = 6e4: 29.9 / 126  (38.8 / 177)
+// Forward 46% of the 67 TFLOP/s fp32 peak, backward 27% on its 10 N^2 d FLOPs. No profiler run
+// says what bounds them: an 8 x 8 register-tile variant with a third fewer shared-memory loads per
+// FMA ran the forward 2x slower and the backward no faster (254 registers, 8 warps per SM; see
+// the scratchpad).
 // These are the CUDA-core kernels: precision fp32 by default. tf32 and bf16 run the tensor-core
 // kernels of attn_sigmoid_tc.cuh (mma.sync, the scores in registers), and so does fp32 as 3xTF32
 // with DIFFORMER_SIGMOID_IMPL=mma; see cuda_ops.hpp and dev/cuda/attn_sigmoid_v5.cu.
 // Not yet: d > 64.
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
 
@@ -24,61 +43,6 @@
 namespace dfm::cuda {
 namespace {
 
-constexpr int kB = 64;            // rows per tile, both sides
-constexpr int kL = kB + 4;        // leading dimension of a transposed tile (keeps float4 alignment)
-constexpr int kThreads = 256;
-
-__device__ __forceinline__ float sigmoidf_fast(float s) { return 1.0f / (1.0f + __expf(-s)); }
-
-__device__ __forceinline__ void outer4(float (&acc)[4][4], const float4 a, const float4 b) {
-  const float av[4] = {a.x, a.y, a.z, a.w};
-#pragma unroll
-  for (int j = 0; j < 4; ++j) {
-    acc[j][0] = fmaf(av[j], b.x, acc[j][0]);
-    acc[j][1] = fmaf(av[j], b.y, acc[j][1]);
-    acc[j][2] = fmaf(av[j], b.z, acc[j][2]);
-    acc[j][3] = fmaf(av[j], b.w, acc[j][3]);
-  }
-}
-
-__device__ __forceinline__ float4 ld4(const float* p) { return *reinterpret_cast<const float4*>(p); }
-__device__ __forceinline__ void st4(float* p, float a, float b, float c, float d) {
-  *reinterpret_cast<float4*>(p) = make_float4(a, b, c, d);
-}
-
-// CW consecutive floats of shared memory (CW = DP / 16 in {1, 2, 4})
-template <int CW>
-__device__ __forceinline__ void ldw(const float* p, float (&out)[CW]) {
-  if constexpr (CW == 4) {
-    const float4 v = ld4(p);
-    out[0] = v.x, out[1] = v.y, out[2] = v.z, out[3] = v.w;
-  } else if constexpr (CW == 2) {
-    const float2 v = *reinterpret_cast<const float2*>(p);
-    out[0] = v.x, out[1] = v.y;
-  } else {
-    out[0] = p[0];
-  }
-}
-
-// tile rows row0 .. row0+63 of src (row stride ld, d valid columns) into dst, transposed
-// ([DP][kL], dst[c*kL + r]) or row-major ([64][DP]); out-of-range entries are 0.
-template <int DP>
-__device__ __forceinline__ void load_tile_t(float* dst, const float* __restrict__ src, Index ld, int row0, int n, int d,
-                                            float scale) {
-  for (int e = threadIdx.x; e < kB * DP; e += kThreads) {
-    const int r = e / DP, c = e % DP, gr = row0 + r;
-    dst[c * kL + r] = (gr < n && c < d) ? scale * src[static_cast<Index>(gr) * ld + c] : 0.0f;
-  }
-}
-template <int DP>
-__device__ __forceinline__ void load_tile_r(float* dst, const float* __restrict__ src, Index ld, int row0, int n, int d,
-                                            float scale) {
-  for (int e = threadIdx.x; e < kB * DP; e += kThreads) {
-    const int r = e / DP, c = e % DP, gr = row0 + r;
-    dst[r * DP + c] = (gr < n && c < d) ? scale * src[static_cast<Index>(gr) * ld + c] : 0.0f;
-  }
-}
-
 struct SigArgs {
   const float *q, *k, *v, *a, *da, *rowsum_in, *delta;
   Index ldq, ldk, ldv, lda, ldda, ldr;  // ldr: stride of rowsum/delta (= heads)
@@ -86,74 +50,269 @@ struct SigArgs {
   int n, d;
   float *out_a, *rowsum, *dq, *dk, *dv;
   float dv_beta;
+  int vec;     // q, k, v, da rows 16-byte aligned and d % 4 == 0: 16-byte cp.async
+  int nsplit;  // blocks per owned tile (blockIdx.y), each over 1/nsplit of the streamed tiles
+  float* ws;   // partials when nsplit > 1; the fused backward's dQ accumulator
 };
 
-template <int DP>
-constexpr int fwd_smem_floats() { return 2 * DP * kL + kB * DP + kB * kL; }
-template <int DP>
-constexpr int dq_smem_floats() { return 4 * DP * kL + kB * DP + kB * kL; }
-template <int DP>
-constexpr int dkv_smem_floats() { return 4 * DP * kL + 2 * kB * DP + 2 * kB * kL + 2 * kB; }
+constexpr int kT = 256;           // threads per block (16 x 16)
+constexpr int kBO = 128;          // rows a block owns
+constexpr int kBS = 64;           // rows per streamed tile
+constexpr int kLP = kBS + 4;      // row stride of a score tile [kBO][kLP]
+constexpr double kSplitCapBytes = 160.0 * (1 << 20);  // most workspace a split may take
 
-template <int DP>
-__global__ void __launch_bounds__(kThreads) sigmoid_fwd_kernel(SigArgs g) {
-  constexpr int CW = DP / 16;
-  extern __shared__ float4 smem4[];
-  float* Qt = reinterpret_cast<float*>(smem4);  // [DP][kL]
-  float* Kt = Qt + DP * kL;                     // [DP][kL]
-  float* Vs = Kt + DP * kL;                     // [64][DP]
-  float* Pt = Vs + kB * DP;                     // [64 keys][kL]
-  const int tid = threadIdx.x, ty = tid >> 4, tx = tid & 15;
-  const int q0 = blockIdx.x * kB, n = g.n;
-  load_tile_t<DP>(Qt, g.q, g.ldq, q0, n, g.d, 1.0f);
-  float o[4][CW] = {};
-  float rs[4] = {};
-  for (int k0 = 0; k0 < n; k0 += kB) {
-    __syncthreads();
-    load_tile_t<DP>(Kt, g.k, g.ldk, k0, n, g.d, 1.0f);
-    load_tile_r<DP>(Vs, g.v, g.ldv, k0, n, g.d, 1.0f);
-    __syncthreads();
-    float s[4][4] = {};
-#pragma unroll 8
-    for (int c = 0; c < DP; ++c) outer4(s, ld4(Qt + c * kL + ty * 4), ld4(Kt + c * kL + tx * 4));
+__device__ __forceinline__ float sigm(float s) { return 1.0f / (1.0f + __expf(-s)); }
+
+// A warp's lanes as 4 row groups x 8 column groups, with lanes n and n^1 in one row group and
+// lanes n and n^2 in one column group: lane bits 0, 2, 4 -> column bits 0, 1, 2; lane bits 1, 3
+// -> row bits 0, 1. (A shared-memory load returns one register per lane and cycle; a warp's
+// 128-bit load is said to take 2 cycles instead of 4 where lane pairs (n, n^1) or (n, n^2) read
+// the same address.)
+__device__ __forceinline__ void lane_rc(int lane, int& r_lo, int& c_lo) {
+  c_lo = (lane & 1) | ((lane >> 1) & 2) | ((lane >> 2) & 4);
+  r_lo = ((lane >> 1) & 1) | ((lane >> 2) & 2);
+}
+// (tx, ty) in 16 x 16; a warp is 4 ty x 8 tx
+__device__ __forceinline__ void thread_xy(int& tx, int& ty) {
+  const int t = threadIdx.x, lane = t & 31, warp = t >> 5;
+  int r_lo, c_lo;
+  lane_rc(lane, r_lo, c_lo);
+  tx = ((warp & 1) << 3) | c_lo;
+  ty = ((warp >> 1) << 2) | r_lo;
+}
+__device__ __forceinline__ void ld4a(float (&o)[4], const float* p) {
+  const float4 v = *reinterpret_cast<const float4*>(p);
+  o[0] = v.x, o[1] = v.y, o[2] = v.z, o[3] = v.w;
+}
+template <int CW>
+__device__ __forceinline__ void ldw(float (&o)[CW], const float* p) {
+  if constexpr (CW == 4) {
+    ld4a(o, p);
+  } else if constexpr (CW == 2) {
+    const float2 v = *reinterpret_cast<const float2*>(p);
+    o[0] = v.x, o[1] = v.y;
+  } else {
+    o[0] = p[0];
+  }
+}
+
+// cp.async, zero-filling when !ok (then src is not read)
+__device__ __forceinline__ void cp_async4(float* dst, const float* src, bool ok) {
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(s), "l"(src), "r"(ok ? 4 : 0) : "memory");
+}
+__device__ __forceinline__ void cp_async16(float* dst, const float* src, bool ok) {
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(src), "r"(ok ? 16 : 0) : "memory");
+}
+__device__ __forceinline__ void cp_commit() {
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+}
+__device__ __forceinline__ void cp_wait_all() {
+  asm volatile("cp.async.wait_all;\n" ::: "memory");
+}
+
+// rows row0 .. row0 + ROWS - 1 of src (row stride ld, d valid columns, n valid rows) into
+// dst [ROWS][DP + 4]; out-of-range entries 0
+template <int DP, int ROWS>
+__device__ __forceinline__ void load_rows(float* dst, const float* __restrict__ src, Index ld, int row0, int n, int d,
+                                          bool vec) {
+  constexpr int LD = DP + 4;
+  const unsigned tid = threadIdx.x;
+  if (vec) {
+    constexpr unsigned C4 = DP / 4;
+    static_assert(ROWS * C4 % kT == 0, "whole rounds of 16-byte copies");
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const bool valid = k0 + tx * 4 + i < n;
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        s[j][i] = valid ? sigmoidf_fast(s[j][i]) : 0.0f;
-        rs[j] += s[j][i];
-      }
-      st4(Pt + (tx * 4 + i) * kL + ty * 4, s[0][i], s[1][i], s[2][i], s[3][i]);
+    for (unsigned it = 0; it < ROWS * C4 / kT; ++it) {
+      const unsigned e = tid + it * kT, r = e / C4, c = (e % C4) * 4;
+      const int gr = row0 + static_cast<int>(r);
+      const bool ok = gr < n && static_cast<int>(c) < d;
+      cp_async16(dst + r * LD + c, ok ? src + static_cast<Index>(gr) * ld + c : src, ok);
     }
-    __syncthreads();
-#pragma unroll 8
-    for (int kk = 0; kk < kB; ++kk) {
-      const float4 p = ld4(Pt + kk * kL + ty * 4);
-      float vv[CW];
-      ldw<CW>(Vs + kk * DP + tx * CW, vv);
-      const float pv[4] = {p.x, p.y, p.z, p.w};
-#pragma unroll
-      for (int j = 0; j < 4; ++j)
-#pragma unroll
-        for (int cc = 0; cc < CW; ++cc) o[j][cc] = fmaf(pv[j], vv[cc], o[j][cc]);
+  } else {
+    static_assert(ROWS * DP % kT == 0, "whole rounds of 4-byte copies");
+#pragma unroll 4
+    for (unsigned it = 0; it < ROWS * DP / kT; ++it) {
+      const unsigned e = tid + it * kT, r = e / DP, c = e % DP;
+      const int gr = row0 + static_cast<int>(r);
+      const bool ok = gr < n && static_cast<int>(c) < d;
+      cp_async4(dst + r * LD + c, ok ? src + static_cast<Index>(gr) * ld + c : src, ok);
     }
   }
+}
+// 64 per-row scalars (stride ld) from row0 into dst[64] by threads [t0, t0 + 64)
+__device__ __forceinline__ void load_scalars(float* dst, const float* __restrict__ src, Index ld, int row0, int n,
+                                             int t0) {
+  const int i = static_cast<int>(threadIdx.x) - t0;
+  if (i >= 0 && i < kBS) {
+    const int gr = row0 + i;
+    const bool ok = gr < n;
+    cp_async4(dst + i, ok ? src + static_cast<Index>(gr) * ld : src, ok);
+  }
+}
+
+// acc[j][i] += A[j] . B[i] over DP columns; A: own rows ty + 16 j (pointer at row ty),
+// B: streamed rows tx + 16 i (pointer at row tx), both [rows][DP + 4]
+template <int DP>
+__device__ __forceinline__ void dot_tile(float (&acc)[8][4], const float* __restrict__ A, const float* __restrict__ B) {
+  constexpr int LD = DP + 4;
 #pragma unroll
-  for (int j = 0; j < 4; ++j)
+  for (int c = 0; c < DP; c += 4) {
+    float a[8][4], b[4][4];
 #pragma unroll
-    for (int off = 8; off > 0; off >>= 1) rs[j] += __shfl_xor_sync(kFullMask, rs[j], off);
+    for (int j = 0; j < 8; ++j) ld4a(a[j], A + j * 16 * LD + c);
 #pragma unroll
-  for (int j = 0; j < 4; ++j) {
-    const int r = q0 + ty * 4 + j;
-    if (r >= n) continue;
-    const float inv = 1.0f / rs[j];
+    for (int i = 0; i < 4; ++i) ld4a(b[i], B + i * 16 * LD + c);
 #pragma unroll
-    for (int cc = 0; cc < CW; ++cc) {
-      const int c = tx * CW + cc;
-      if (c < g.d) g.out_a[static_cast<Index>(r) * g.lda + c] = o[j][cc] * inv;
+    for (int u = 0; u < 4; ++u)
+#pragma unroll
+      for (int j = 0; j < 8; ++j)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) acc[j][i] = fmaf(a[j][u], b[i][u], acc[j][i]);
+  }
+}
+// o[j][cc] += sum_k P[j][k] X[k][cc] over kBS k; P: own rows ty + 16 j of a [kBO][kLP] tile
+// (pointer at row ty), X: [kBS][DP + 4] (pointer at column tx * CW)
+template <int DP>
+__device__ __forceinline__ void acc_px(float (&o)[8][DP / 16], const float* __restrict__ P,
+                                       const float* __restrict__ X) {
+  constexpr int LD = DP + 4, CW = DP / 16;
+#pragma unroll
+  for (int k = 0; k < kBS; k += 4) {
+    float p[8][4], x[4][CW];
+#pragma unroll
+    for (int j = 0; j < 8; ++j) ld4a(p[j], P + j * 16 * kLP + k);
+#pragma unroll
+    for (int u = 0; u < 4; ++u) ldw<CW>(x[u], X + (k + u) * LD);
+#pragma unroll
+    for (int u = 0; u < 4; ++u)
+#pragma unroll
+      for (int j = 0; j < 8; ++j)
+#pragma unroll
+        for (int cc = 0; cc < CW; ++cc) o[j][cc] = fmaf(p[j][u], x[u][cc], o[j][cc]);
+  }
+}
+
+__device__ __forceinline__ int split_begin(int tiles, int s, int nsplit) {
+  return static_cast<int>(static_cast<long long>(tiles) * s / nsplit);
+}
+
+template <int DP>
+struct Smem {
+  static constexpr int LD = DP + 4;
+  // forward: Q [kBO][LD], K, V [2][kBS][LD], P [kBO][kLP]
+  static constexpr int fwd = kBO * LD + 4 * kBS * LD + kBO * kLP;
+  // dK/dV (and fused): K, V [kBO][LD], Q, dA [2][kBS][LD], P, dS [kBO][kLP], rowsum, delta [2][kBS]
+  static constexpr int dkv = 2 * kBO * LD + 4 * kBS * LD + 2 * kBO * kLP + 4 * kBS;
+  // dQ: Q, dA [kBO][LD], K, V [2][kBS][LD], dS [kBO][kLP]
+  static constexpr int dq = 2 * kBO * LD + 4 * kBS * LD + kBO * kLP;
+};
+
+// ---- forward: block (query tile, split) --------------------------------------------------------
+template <int DP>
+__global__ void __launch_bounds__(kT, DP == 64 ? 1 : 2) fwd_kernel(const SigArgs g) {
+  constexpr int LD = DP + 4, CW = DP / 16;
+  extern __shared__ float4 smem4[];
+  float* sm = reinterpret_cast<float*>(smem4);
+  float* Qs = sm;
+  float* Kb = Qs + kBO * LD;
+  float* Vb = Kb + 2 * kBS * LD;
+  float* Ps = Vb + 2 * kBS * LD;
+  int tx, ty;
+  thread_xy(tx, ty);
+  const int n = g.n, q0 = blockIdx.x * kBO, split = blockIdx.y;
+  const int nt = (n + kBS - 1) / kBS;
+  const int tb = split_begin(nt, split, g.nsplit), te = split_begin(nt, split + 1, g.nsplit);
+  const bool vec = g.vec != 0;
+  load_rows<DP, kBO>(Qs, g.q, g.ldq, q0, n, g.d, vec);
+  if (tb < te) {
+    load_rows<DP, kBS>(Kb, g.k, g.ldk, tb * kBS, n, g.d, vec);
+    load_rows<DP, kBS>(Vb, g.v, g.ldv, tb * kBS, n, g.d, vec);
+  }
+  cp_commit();
+  float o[8][CW] = {}, rs[8] = {};
+  for (int t = tb; t < te; ++t) {
+    const int b = (t - tb) & 1;
+    const float* Ks = Kb + b * kBS * LD;
+    const float* Vs = Vb + b * kBS * LD;
+    cp_wait_all();
+    __syncthreads();  // tile t in; every thread done with tile t - 1 (its buffers and P)
+    if (t + 1 < te) {
+      load_rows<DP, kBS>(Kb + (b ^ 1) * kBS * LD, g.k, g.ldk, (t + 1) * kBS, n, g.d, vec);
+      load_rows<DP, kBS>(Vb + (b ^ 1) * kBS * LD, g.v, g.ldv, (t + 1) * kBS, n, g.d, vec);
     }
-    if (tx == 0) g.rowsum[static_cast<Index>(r) * g.ldr] = rs[j];
+    cp_commit();
+    float s[8][4] = {};
+    dot_tile<DP>(s, Qs + ty * LD, Ks + tx * LD);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const bool valid = t * kBS + tx + 16 * i < n;
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        const float w = valid ? sigm(s[j][i]) : 0.0f;
+        rs[j] += w;
+        Ps[(ty + 16 * j) * kLP + tx + 16 * i] = w;
+      }
+    }
+    __syncthreads();
+    acc_px<DP>(o, Ps + ty * kLP, Vs + tx * CW);
+  }
+  cp_wait_all();
+  __syncthreads();  // done with P: reuse it for the row sums
+  float* red = Ps;  // [16 tx][kBO]
+#pragma unroll
+  for (int j = 0; j < 8; ++j) red[tx * kBO + ty + 16 * j] = rs[j];
+  __syncthreads();
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+    float sum = 0.0f;
+#pragma unroll
+    for (int x = 0; x < 16; ++x) sum += red[x * kBO + ty + 16 * j];
+    rs[j] = sum;
+  }
+  if (g.nsplit == 1) {
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      const int r = q0 + ty + 16 * j;
+      if (r >= n) continue;
+      const float inv = 1.0f / rs[j];
+#pragma unroll
+      for (int cc = 0; cc < CW; ++cc) {
+        const int c = tx * CW + cc;
+        if (c < g.d) g.out_a[static_cast<Index>(r) * g.lda + c] = o[j][cc] * inv;
+      }
+      if (tx == 0) g.rowsum[static_cast<Index>(r) * g.ldr] = rs[j];
+    }
+  } else {  // partials: O [nsplit][n][DP], then r [nsplit][n]
+    float* wo = g.ws + static_cast<Index>(split) * n * DP;
+    float* wr = g.ws + static_cast<Index>(g.nsplit) * n * DP + static_cast<Index>(split) * n;
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      const int r = q0 + ty + 16 * j;
+      if (r >= n) continue;
+#pragma unroll
+      for (int cc = 0; cc < CW; ++cc) wo[static_cast<Index>(r) * DP + tx * CW + cc] = o[j][cc];
+      if (tx == 0) wr[r] = rs[j];
+    }
+  }
+}
+
+template <int DP>
+__global__ void fwd_combine_kernel(const SigArgs g) {
+  const Index total = static_cast<Index>(g.n) * DP;
+  const float* wr = g.ws + static_cast<Index>(g.nsplit) * g.n * DP;
+  for (Index e = blockIdx.x * static_cast<Index>(blockDim.x) + threadIdx.x; e < total;
+       e += static_cast<Index>(gridDim.x) * blockDim.x) {
+    const Index r = e / DP;
+    const int c = static_cast<int>(e % DP);
+    if (c >= g.d) continue;
+    float rs = 0.0f, o = 0.0f;
+    for (int s = 0; s < g.nsplit; ++s) {
+      rs += wr[static_cast<Index>(s) * g.n + r];
+      o += g.ws[(static_cast<Index>(s) * g.n + r) * DP + c];
+    }
+    g.out_a[r * g.lda + c] = o * (1.0f / rs);
+    if (c == 0) g.rowsum[r * g.ldr] = rs;
   }
 }
 
@@ -169,186 +328,358 @@ __global__ void sigmoid_delta_kernel(SigArgs g, float* delta) {
   }
 }
 
-template <int DP>
-__global__ void __launch_bounds__(kThreads) sigmoid_dq_kernel(SigArgs g) {
-  constexpr int CW = DP / 16;
+// ---- dK, dV (FUSED: and dQ by atomics): block (key tile, split of the query tiles) ----------------
+template <int DP, bool FUSED>
+__device__ __forceinline__ void dkv_body(const SigArgs& g) {
+  constexpr int LD = DP + 4, CW = DP / 16;
   extern __shared__ float4 smem4[];
-  float* Qt = reinterpret_cast<float*>(smem4);  // [DP][kL]
-  float* dAt = Qt + DP * kL;                    // [DP][kL]
-  float* Kt = dAt + DP * kL;                    // [DP][kL]
-  float* Vt = Kt + DP * kL;                     // [DP][kL]
-  float* Ks = Vt + DP * kL;                     // [64][DP]
-  float* dSt = Ks + kB * DP;                    // [64 keys][kL]
-  const int tid = threadIdx.x, ty = tid >> 4, tx = tid & 15;
-  const int q0 = blockIdx.x * kB, n = g.n;
-  load_tile_t<DP>(Qt, g.q, g.ldq, q0, n, g.d, 1.0f);
-  load_tile_t<DP>(dAt, g.da, g.ldda, q0, n, g.d, g.da_scale);
-  float rinv[4], dl[4];
+  float* sm = reinterpret_cast<float*>(smem4);
+  float* Ks = sm;
+  float* Vs = Ks + kBO * LD;
+  float* Qb = Vs + kBO * LD;
+  float* Ab = Qb + 2 * kBS * LD;
+  float* Ps = Ab + 2 * kBS * LD;
+  float* Ts = Ps + kBO * kLP;
+  float* Rb = Ts + kBO * kLP;
+  float* Db = Rb + 2 * kBS;
+  int tx, ty;
+  thread_xy(tx, ty);
+  const int n = g.n, k0 = blockIdx.x * kBO, split = blockIdx.y;
+  const int nt = (n + kBS - 1) / kBS;
+  const int tb = split_begin(nt, split, g.nsplit), te = split_begin(nt, split + 1, g.nsplit);
+  const bool vec = g.vec != 0;
+  auto load_q = [&](int t, int b) {
+    load_rows<DP, kBS>(Qb + b * kBS * LD, g.q, g.ldq, t * kBS, n, g.d, vec);
+    load_rows<DP, kBS>(Ab + b * kBS * LD, g.da, g.ldda, t * kBS, n, g.d, vec);
+    load_scalars(Rb + b * kBS, g.rowsum_in, g.ldr, t * kBS, n, 0);
+    load_scalars(Db + b * kBS, g.delta, g.ldr, t * kBS, n, kBS);
+  };
+  load_rows<DP, kBO>(Ks, g.k, g.ldk, k0, n, g.d, vec);
+  load_rows<DP, kBO>(Vs, g.v, g.ldv, k0, n, g.d, vec);
+  if (tb < te) load_q(tb, 0);
+  cp_commit();
+  float dk[8][CW] = {}, dv[8][CW] = {};
+  for (int t = tb; t < te; ++t) {
+    const int b = (t - tb) & 1;
+    const float* Qs = Qb + b * kBS * LD;
+    const float* As = Ab + b * kBS * LD;
+    const float* Rs = Rb + b * kBS;
+    const float* Ds = Db + b * kBS;
+    cp_wait_all();
+    __syncthreads();
+    if (t + 1 < te) load_q(t + 1, b ^ 1);
+    cp_commit();
+    {
+      float s[8][4] = {}, dp[8][4] = {};  // [key ty + 16 j][query tx + 16 i]
+      dot_tile<DP>(s, Ks + ty * LD, Qs + tx * LD);
+      dot_tile<DP>(dp, Vs + ty * LD, As + tx * LD);
 #pragma unroll
-  for (int j = 0; j < 4; ++j) {
-    const int r = q0 + ty * 4 + j;
+      for (int i = 0; i < 4; ++i) {
+        const int qi = tx + 16 * i;
+        const float ri = t * kBS + qi < n ? 1.0f / Rs[qi] : 0.0f, di = Ds[qi];
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+          const float w = sigm(s[j][i]);
+          Ps[(ty + 16 * j) * kLP + qi] = w * ri;
+          Ts[(ty + 16 * j) * kLP + qi] = w * (1.0f - w) * (g.da_scale * dp[j][i] - di) * ri;
+        }
+      }
+    }
+    __syncthreads();
+    acc_px<DP>(dv, Ps + ty * kLP, As + tx * CW);
+    acc_px<DP>(dk, Ts + ty * kLP, Qs + tx * CW);
+    if constexpr (FUSED) {
+      // dQ[q][c] += sum_j dS[j][q] K[j][c] for this tile's 64 queries: 4 queries x CW columns each
+      const int qa = threadIdx.x & 15, ca = threadIdx.x >> 4;
+      float acc[4][CW] = {};
+#pragma unroll 8
+      for (int j = 0; j < kBO; ++j) {
+        float tq[4], kc[CW];
+        ld4a(tq, Ts + j * kLP + qa * 4);
+        ldw<CW>(kc, Ks + j * LD + ca * CW);
+#pragma unroll
+        for (int u = 0; u < 4; ++u)
+#pragma unroll
+          for (int cc = 0; cc < CW; ++cc) acc[u][cc] = fmaf(tq[u], kc[cc], acc[u][cc]);
+      }
+#pragma unroll
+      for (int u = 0; u < 4; ++u) {
+        const int q = t * kBS + qa * 4 + u;
+        if (q >= n) continue;
+        float* dst = g.ws + static_cast<Index>(q) * DP + ca * CW;
+        if constexpr (CW == 4)
+          atomicAdd(reinterpret_cast<float4*>(dst), make_float4(acc[u][0], acc[u][1], acc[u][2], acc[u][3]));
+        else if constexpr (CW == 2)
+          atomicAdd(reinterpret_cast<float2*>(dst), make_float2(acc[u][0], acc[u][1]));
+        else
+          atomicAdd(dst, acc[u][0]);
+      }
+    }
+  }
+  cp_wait_all();
+  if (g.nsplit == 1) {
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      const int r = k0 + ty + 16 * j;
+      if (r >= n) continue;
+#pragma unroll
+      for (int cc = 0; cc < CW; ++cc) {
+        const int c = tx * CW + cc;
+        if (c >= g.d) continue;
+        g.dk[static_cast<Index>(r) * g.ldk + c] = dk[j][cc];
+        float* out = g.dv + static_cast<Index>(r) * g.ldv + c;
+        const float x = g.da_scale * dv[j][cc];
+        *out = g.dv_beta == 0.0f ? x : x + g.dv_beta * *out;
+      }
+    }
+  } else {  // partials dK [nsplit][n][DP], then dV [nsplit][n][DP] (after the fused dQ [n][DP])
+    float* wk = g.ws + (FUSED ? static_cast<Index>(n) * DP : 0) + static_cast<Index>(split) * n * DP;
+    float* wv = wk + static_cast<Index>(g.nsplit) * n * DP;
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      const int r = k0 + ty + 16 * j;
+      if (r >= n) continue;
+#pragma unroll
+      for (int cc = 0; cc < CW; ++cc) {
+        wk[static_cast<Index>(r) * DP + tx * CW + cc] = dk[j][cc];
+        wv[static_cast<Index>(r) * DP + tx * CW + cc] = dv[j][cc];
+      }
+    }
+  }
+}
+template <int DP>
+__global__ void __launch_bounds__(kT, 1) dkv_kernel(const SigArgs g) {
+  dkv_body<DP, false>(g);
+}
+template <int DP>
+__global__ void __launch_bounds__(kT, 1) dkvq_kernel(const SigArgs g) {
+  dkv_body<DP, true>(g);
+}
+
+template <int DP>
+__global__ void dkv_combine_kernel(const SigArgs g, int fused) {
+  const Index total = static_cast<Index>(g.n) * DP, nd = total;
+  const float* wk = g.ws + (fused ? nd : 0);
+  const float* wv = wk + g.nsplit * nd;
+  for (Index e = blockIdx.x * static_cast<Index>(blockDim.x) + threadIdx.x; e < total;
+       e += static_cast<Index>(gridDim.x) * blockDim.x) {
+    const Index r = e / DP;
+    const int c = static_cast<int>(e % DP);
+    if (c >= g.d) continue;
+    float sk = 0.0f, sv = 0.0f;
+    for (int s = 0; s < g.nsplit; ++s) sk += wk[s * nd + e], sv += wv[s * nd + e];
+    g.dk[r * g.ldk + c] = sk;
+    float* out = g.dv + r * g.ldv + c;
+    const float x = g.da_scale * sv;
+    *out = g.dv_beta == 0.0f ? x : x + g.dv_beta * *out;
+  }
+}
+// dQ from [nsplit][n][DP] partials (the fused backward: nsplit = 1, its accumulator)
+template <int DP>
+__global__ void dq_combine_kernel(const SigArgs g, int nsplit) {
+  const Index total = static_cast<Index>(g.n) * DP;
+  for (Index e = blockIdx.x * static_cast<Index>(blockDim.x) + threadIdx.x; e < total;
+       e += static_cast<Index>(gridDim.x) * blockDim.x) {
+    const Index r = e / DP;
+    const int c = static_cast<int>(e % DP);
+    if (c >= g.d) continue;
+    float s = 0.0f;
+    for (int i = 0; i < nsplit; ++i) s += g.ws[i * total + e];
+    g.dq[r * g.ldq + c] = s;
+  }
+}
+
+// ---- dQ: block (query tile, split of the key tiles) ---------------------------------------------
+template <int DP>
+__global__ void __launch_bounds__(kT, 1) dq_kernel(const SigArgs g) {
+  constexpr int LD = DP + 4, CW = DP / 16;
+  extern __shared__ float4 smem4[];
+  float* sm = reinterpret_cast<float*>(smem4);
+  float* Qs = sm;
+  float* As = Qs + kBO * LD;
+  float* Kb = As + kBO * LD;
+  float* Vb = Kb + 2 * kBS * LD;
+  float* Ts = Vb + 2 * kBS * LD;
+  int tx, ty;
+  thread_xy(tx, ty);
+  const int n = g.n, q0 = blockIdx.x * kBO, split = blockIdx.y;
+  const int nt = (n + kBS - 1) / kBS;
+  const int tb = split_begin(nt, split, g.nsplit), te = split_begin(nt, split + 1, g.nsplit);
+  const bool vec = g.vec != 0;
+  load_rows<DP, kBO>(Qs, g.q, g.ldq, q0, n, g.d, vec);
+  load_rows<DP, kBO>(As, g.da, g.ldda, q0, n, g.d, vec);
+  if (tb < te) {
+    load_rows<DP, kBS>(Kb, g.k, g.ldk, tb * kBS, n, g.d, vec);
+    load_rows<DP, kBS>(Vb, g.v, g.ldv, tb * kBS, n, g.d, vec);
+  }
+  cp_commit();
+  float rinv[8], dl[8];
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+    const int r = q0 + ty + 16 * j;
     rinv[j] = r < n ? 1.0f / g.rowsum_in[static_cast<Index>(r) * g.ldr] : 0.0f;
     dl[j] = r < n ? g.delta[static_cast<Index>(r) * g.ldr] : 0.0f;
   }
-  float acc[4][CW] = {};
-  for (int k0 = 0; k0 < n; k0 += kB) {
+  float acc[8][CW] = {};
+  for (int t = tb; t < te; ++t) {
+    const int b = (t - tb) & 1;
+    const float* Ks = Kb + b * kBS * LD;
+    const float* Vs = Vb + b * kBS * LD;
+    cp_wait_all();
     __syncthreads();
-    load_tile_t<DP>(Kt, g.k, g.ldk, k0, n, g.d, 1.0f);
-    load_tile_t<DP>(Vt, g.v, g.ldv, k0, n, g.d, 1.0f);
-    load_tile_r<DP>(Ks, g.k, g.ldk, k0, n, g.d, 1.0f);
-    __syncthreads();
-    float s[4][4] = {}, dp[4][4] = {};
-#pragma unroll 8
-    for (int c = 0; c < DP; ++c) {
-      outer4(s, ld4(Qt + c * kL + ty * 4), ld4(Kt + c * kL + tx * 4));
-      outer4(dp, ld4(dAt + c * kL + ty * 4), ld4(Vt + c * kL + tx * 4));
+    if (t + 1 < te) {
+      load_rows<DP, kBS>(Kb + (b ^ 1) * kBS * LD, g.k, g.ldk, (t + 1) * kBS, n, g.d, vec);
+      load_rows<DP, kBS>(Vb + (b ^ 1) * kBS * LD, g.v, g.ldv, (t + 1) * kBS, n, g.d, vec);
     }
+    cp_commit();
+    {
+      float s[8][4] = {}, dp[8][4] = {};  // [query ty + 16 j][key tx + 16 i]
+      dot_tile<DP>(s, Qs + ty * LD, Ks + tx * LD);
+      dot_tile<DP>(dp, As + ty * LD, Vs + tx * LD);
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const bool valid = k0 + tx * 4 + i < n;
-      float ds[4];
+      for (int i = 0; i < 4; ++i) {
+        const bool valid = t * kBS + tx + 16 * i < n;
 #pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const float w = valid ? sigmoidf_fast(s[j][i]) : 0.0f;
-        ds[j] = w * (1.0f - w) * (dp[j][i] - dl[j]) * rinv[j];
+        for (int j = 0; j < 8; ++j) {
+          const float w = valid ? sigm(s[j][i]) : 0.0f;
+          Ts[(ty + 16 * j) * kLP + tx + 16 * i] = w * (1.0f - w) * (g.da_scale * dp[j][i] - dl[j]) * rinv[j];
+        }
       }
-      st4(dSt + (tx * 4 + i) * kL + ty * 4, ds[0], ds[1], ds[2], ds[3]);
     }
     __syncthreads();
-#pragma unroll 8
-    for (int kk = 0; kk < kB; ++kk) {
-      const float4 p = ld4(dSt + kk * kL + ty * 4);
-      float kv[CW];
-      ldw<CW>(Ks + kk * DP + tx * CW, kv);
-      const float pv[4] = {p.x, p.y, p.z, p.w};
-#pragma unroll
-      for (int j = 0; j < 4; ++j)
-#pragma unroll
-        for (int cc = 0; cc < CW; ++cc) acc[j][cc] = fmaf(pv[j], kv[cc], acc[j][cc]);
-    }
+    acc_px<DP>(acc, Ts + ty * kLP, Ks + tx * CW);
   }
+  cp_wait_all();
+  __syncthreads();  // every thread's copies of Q are in before dQ (which may alias Q) is written
+  if (g.nsplit == 1) {
 #pragma unroll
-  for (int j = 0; j < 4; ++j) {
-    const int r = q0 + ty * 4 + j;
-    if (r >= n) continue;
+    for (int j = 0; j < 8; ++j) {
+      const int r = q0 + ty + 16 * j;
+      if (r >= n) continue;
 #pragma unroll
-    for (int cc = 0; cc < CW; ++cc) {
-      const int c = tx * CW + cc;
-      if (c < g.d) g.dq[static_cast<Index>(r) * g.ldq + c] = acc[j][cc];
+      for (int cc = 0; cc < CW; ++cc) {
+        const int c = tx * CW + cc;
+        if (c < g.d) g.dq[static_cast<Index>(r) * g.ldq + c] = acc[j][cc];
+      }
+    }
+  } else {
+    float* wq = g.ws + static_cast<Index>(split) * n * DP;
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      const int r = q0 + ty + 16 * j;
+      if (r >= n) continue;
+#pragma unroll
+      for (int cc = 0; cc < CW; ++cc) wq[static_cast<Index>(r) * DP + tx * CW + cc] = acc[j][cc];
     }
   }
 }
 
-template <int DP>
-__global__ void __launch_bounds__(kThreads) sigmoid_dkv_kernel(SigArgs g) {
-  constexpr int CW = DP / 16;
-  extern __shared__ float4 smem4[];
-  float* Kt = reinterpret_cast<float*>(smem4);  // [DP][kL] own keys
-  float* Vt = Kt + DP * kL;                     // [DP][kL] own values
-  float* Qt = Vt + DP * kL;                     // [DP][kL] streamed queries
-  float* dAt = Qt + DP * kL;                    // [DP][kL]
-  float* Qs = dAt + DP * kL;                    // [64][DP]
-  float* dAs = Qs + kB * DP;                    // [64][DP]
-  float* Ps = dAs + kB * DP;                    // [64 queries][kL]: w / r
-  float* dSs = Ps + kB * kL;                    // [64 queries][kL]
-  float* rinv_s = dSs + kB * kL;                // [64]
-  float* dl_s = rinv_s + kB;                    // [64]
-  const int tid = threadIdx.x, ty = tid >> 4, tx = tid & 15;
-  const int k0 = blockIdx.x * kB, n = g.n;
-  load_tile_t<DP>(Kt, g.k, g.ldk, k0, n, g.d, 1.0f);
-  load_tile_t<DP>(Vt, g.v, g.ldv, k0, n, g.d, 1.0f);
-  float dk[4][CW] = {}, dv[4][CW] = {};
-  for (int q0 = 0; q0 < n; q0 += kB) {
-    __syncthreads();
-    load_tile_t<DP>(Qt, g.q, g.ldq, q0, n, g.d, 1.0f);
-    load_tile_t<DP>(dAt, g.da, g.ldda, q0, n, g.d, g.da_scale);
-    load_tile_r<DP>(Qs, g.q, g.ldq, q0, n, g.d, 1.0f);
-    load_tile_r<DP>(dAs, g.da, g.ldda, q0, n, g.d, g.da_scale);
-    if (tid < kB) {
-      const int r = q0 + tid;
-      rinv_s[tid] = r < n ? 1.0f / g.rowsum_in[static_cast<Index>(r) * g.ldr] : 0.0f;
-      dl_s[tid] = r < n ? g.delta[static_cast<Index>(r) * g.ldr] : 0.0f;
-    }
-    __syncthreads();
-    float s[4][4] = {}, dp[4][4] = {};  // [key j][query i]
-#pragma unroll 8
-    for (int c = 0; c < DP; ++c) {
-      outer4(s, ld4(Kt + c * kL + ty * 4), ld4(Qt + c * kL + tx * 4));
-      outer4(dp, ld4(Vt + c * kL + ty * 4), ld4(dAt + c * kL + tx * 4));
-    }
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const int qi = tx * 4 + i;
-      const float ri = rinv_s[qi], di = dl_s[qi];
-      float pn[4], ds[4];
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const float w = sigmoidf_fast(s[j][i]);
-        pn[j] = w * ri;
-        ds[j] = w * (1.0f - w) * (dp[j][i] - di) * ri;
-      }
-      st4(Ps + qi * kL + ty * 4, pn[0], pn[1], pn[2], pn[3]);
-      st4(dSs + qi * kL + ty * 4, ds[0], ds[1], ds[2], ds[3]);
-    }
-    __syncthreads();
-#pragma unroll 8
-    for (int qq = 0; qq < kB; ++qq) {
-      const float4 p = ld4(Ps + qq * kL + ty * 4);
-      const float4 t = ld4(dSs + qq * kL + ty * 4);
-      float av[CW], qv[CW];
-      ldw<CW>(dAs + qq * DP + tx * CW, av);
-      ldw<CW>(Qs + qq * DP + tx * CW, qv);
-      const float pv[4] = {p.x, p.y, p.z, p.w}, tv[4] = {t.x, t.y, t.z, t.w};
-#pragma unroll
-      for (int j = 0; j < 4; ++j)
-#pragma unroll
-        for (int cc = 0; cc < CW; ++cc) {
-          dv[j][cc] = fmaf(pv[j], av[cc], dv[j][cc]);
-          dk[j][cc] = fmaf(tv[j], qv[cc], dk[j][cc]);
-        }
-    }
+// ---- host side --------------------------------------------------------------------------------
+// Splits of the streamed range so that owned tiles x splits fill the SMs' block slots best
+// (waves / splits smallest, a split only for a 1% gain), each split >= 8 streamed tiles and the
+// workspace <= kSplitCapBytes. N = 1e4 / 3e4 / 6e4 on 132 SMs: 5 splits.
+int pick_split(int owned, int streamed, int slots, double bytes_per_split) {
+  int best = 1;
+  double best_t = std::ceil(static_cast<double>(owned) / slots);
+  for (int s = 2; s <= 8; ++s) {
+    if (streamed < 8 * s || s * bytes_per_split > kSplitCapBytes) break;
+    const double t = std::ceil(static_cast<double>(owned) * s / slots) / s;
+    if (t < 0.99 * best_t) best = s, best_t = t;
   }
-#pragma unroll
-  for (int j = 0; j < 4; ++j) {
-    const int r = k0 + ty * 4 + j;
-    if (r >= n) continue;
-#pragma unroll
-    for (int cc = 0; cc < CW; ++cc) {
-      const int c = tx * CW + cc;
-      if (c >= g.d) continue;
-      g.dk[static_cast<Index>(r) * g.ldk + c] = dk[j][cc];
-      float* out = g.dv + static_cast<Index>(r) * g.ldv + c;
-      *out = g.dv_beta == 0.0f ? dv[j][cc] : dv[j][cc] + g.dv_beta * *out;
-    }
-  }
+  return best;
 }
+
+// DIFFORMER_SIGMOID_SIMT=pass: dQ by its own kernel (no atomics, bitwise reproducible); else by
+// atomics in the dK/dV kernel. Read at every call.
+bool simt_dq_fused() {
+  const char* e = std::getenv("DIFFORMER_SIGMOID_SIMT");
+  return !(e != nullptr && std::strcmp(e, "pass") == 0);
+}
+
+struct Plan {
+  int s_fwd = 1, s_kv = 1, s_q = 1;
+  bool fused = true;
+  Index ws_fwd = 0, ws_bwd = 0;  // scratch floats
+};
 
 template <typename Kernel>
-void set_smem(Kernel kernel, int floats) {
+int occupancy(Kernel kernel, int smem_floats) {
   DFM_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                      floats * static_cast<int>(sizeof(float))));
+                                      smem_floats * static_cast<int>(sizeof(float))));
+  int nb = 0;
+  DFM_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&nb, kernel, kT, smem_floats * sizeof(float)));
+  return std::max(nb, 1);
 }
 
 template <int DP>
-void launch_fwd(GpuContext& ctx, const SigArgs& g) {
-  static bool once = (set_smem(sigmoid_fwd_kernel<DP>, fwd_smem_floats<DP>()), true);
-  (void)once;
-  const int nb = (g.n + kB - 1) / kB;
-  sigmoid_fwd_kernel<DP><<<nb, kThreads, fwd_smem_floats<DP>() * sizeof(float), ctx.stream()>>>(g);
-  DFM_CUDA_LAUNCH_CHECK();
+Plan plan(int n, bool fused, int sms) {
+  // also sets every kernel's shared-memory limit (once, at the first, eager, call)
+  static const int occ_f = occupancy(fwd_kernel<DP>, Smem<DP>::fwd);
+  static const int occ_kv = occupancy(dkv_kernel<DP>, Smem<DP>::dkv);
+  static const int occ_kvq = occupancy(dkvq_kernel<DP>, Smem<DP>::dkv);
+  static const int occ_q = occupancy(dq_kernel<DP>, Smem<DP>::dq);
+  const int owned = (n + kBO - 1) / kBO, streamed = (n + kBS - 1) / kBS;
+  const double nd = static_cast<double>(n) * DP * sizeof(float);
+  Plan p;
+  p.fused = fused;
+  p.s_fwd = pick_split(owned, streamed, sms * occ_f, nd + n * sizeof(float));
+  p.s_kv = pick_split(owned, streamed, sms * (fused ? occ_kvq : occ_kv), 2 * nd);
+  p.s_q = fused ? 1 : pick_split(owned, streamed, sms * occ_q, nd);
+  const Index nDP = static_cast<Index>(n) * DP;
+  p.ws_fwd = p.s_fwd > 1 ? p.s_fwd * (nDP + n) : 0;
+  const Index kv = p.s_kv > 1 ? 2 * p.s_kv * nDP : 0;
+  p.ws_bwd = fused ? nDP + kv : std::max(kv, p.s_q > 1 ? p.s_q * nDP : Index{0});
+  return p;
+}
+Plan plan_any(int dp, int n, bool fused, int sms) {
+  return dp == 16 ? plan<16>(n, fused, sms) : (dp == 32 ? plan<32>(n, fused, sms) : plan<64>(n, fused, sms));
 }
 
+int grid_for(Index work) { return static_cast<int>(std::min<Index>((work + 255) / 256, 4096)); }
+
 template <int DP>
-void launch_bwd(GpuContext& ctx, const SigArgs& g) {
-  static bool once = (set_smem(sigmoid_dq_kernel<DP>, dq_smem_floats<DP>()),
-                      set_smem(sigmoid_dkv_kernel<DP>, dkv_smem_floats<DP>()), true);
-  (void)once;
-  const int nb = (g.n + kB - 1) / kB;
-  // dK, dV first: the dQ kernel may then write dQ while every tile of Q is no longer needed
-  sigmoid_dkv_kernel<DP><<<nb, kThreads, dkv_smem_floats<DP>() * sizeof(float), ctx.stream()>>>(g);
+void launch_fwd(SigArgs g, const Plan& p, float* ws, cudaStream_t st) {
+  const int owned = (g.n + kBO - 1) / kBO;
+  g.nsplit = p.s_fwd, g.ws = ws;
+  fwd_kernel<DP><<<dim3(owned, p.s_fwd), kT, Smem<DP>::fwd * sizeof(float), st>>>(g);
   DFM_CUDA_LAUNCH_CHECK();
-  sigmoid_dq_kernel<DP><<<nb, kThreads, dq_smem_floats<DP>() * sizeof(float), ctx.stream()>>>(g);
+  if (p.s_fwd > 1) {
+    fwd_combine_kernel<DP><<<grid_for(static_cast<Index>(g.n) * DP), 256, 0, st>>>(g);
+    DFM_CUDA_LAUNCH_CHECK();
+  }
+}
+
+// g.delta: delta, already written by sigmoid_delta_kernel
+template <int DP>
+void launch_bwd(SigArgs g, const Plan& p, float* ws, cudaStream_t st) {
+  const int owned = (g.n + kBO - 1) / kBO;
+  const Index nDP = static_cast<Index>(g.n) * DP;
+  const bool fused = p.fused;
+  g.ws = ws;
+  g.nsplit = p.s_kv;
+  if (fused) {
+    DFM_CUDA_CHECK(cudaMemsetAsync(ws, 0, nDP * sizeof(float), st));
+    dkvq_kernel<DP><<<dim3(owned, p.s_kv), kT, Smem<DP>::dkv * sizeof(float), st>>>(g);
+  } else {
+    dkv_kernel<DP><<<dim3(owned, p.s_kv), kT, Smem<DP>::dkv * sizeof(float), st>>>(g);
+  }
   DFM_CUDA_LAUNCH_CHECK();
+  if (p.s_kv > 1) {
+    dkv_combine_kernel<DP><<<grid_for(nDP), 256, 0, st>>>(g, fused ? 1 : 0);
+    DFM_CUDA_LAUNCH_CHECK();
+  }
+  if (fused) {
+    dq_combine_kernel<DP><<<grid_for(nDP), 256, 0, st>>>(g, 1);
+    DFM_CUDA_LAUNCH_CHECK();
+    return;
+  }
+  g.nsplit = p.s_q;
+  dq_kernel<DP><<<dim3(owned, p.s_q), kT, Smem<DP>::dq * sizeof(float), st>>>(g);
+  DFM_CUDA_LAUNCH_CHECK();
+  if (p.s_q > 1) {
+    dq_combine_kernel<DP><<<grid_for(nDP), 256, 0, st>>>(g, p.s_q);
+    DFM_CUDA_LAUNCH_CHECK();
+  }
 }
 
 int padded_width(Index d) {
@@ -468,15 +799,18 @@ int sigmoid_attn_max_d() { return 64; }
 void sigmoid_attn_fwd(GpuContext& ctx, const AttnDims& dm, const float* q, const float* k, const float* v, float* a,
                       float* rowsum, AttnPrecision prec) {
   if (dm.n == 0) return;
-  DFM_CHECK(dm.n < (Index{1} << 31) - kB, "sigmoid attention: too many rows (", dm.n, ")");
+  DFM_CHECK(dm.n < (Index{1} << 31) - kBO, "sigmoid attention: too many rows (", dm.n, ")");
   const int dp = padded_width(dm.d);
   const Impl impl = impl_for(prec);
   bool aligned = dm.d % 4 == 0 && aligned16(q, dm.heads * dm.d) && aligned16(k, dm.heads * dm.d) &&
                  aligned16(v, dm.vheads * dm.d);
   const std::size_t wbytes = tc_work_bytes(impl, prec, dm, dp, aligned);
-  if (wbytes) ctx.ensure_scratch(wbytes + 256);
+  const Plan plan = impl == Impl::simt ? plan_any(dp, static_cast<int>(dm.n), true, ctx.sms()) : Plan{};
+  const std::size_t sbytes = static_cast<std::size_t>(plan.ws_fwd) * sizeof(float);
+  if (wbytes + sbytes) ctx.ensure_scratch(wbytes + sbytes + 512);
   ScratchScope scope(ctx);
   void* work = wbytes ? scope.take<unsigned char>(wbytes) : nullptr;
+  float* ws = sbytes ? scope.take<float>(static_cast<std::size_t>(plan.ws_fwd)) : nullptr;
   for (int h = 0; h < dm.heads; ++h) {
     SigArgs g = head_args(dm, h, q, k, v);
     g.out_a = a + h * dm.d;
@@ -485,12 +819,13 @@ void sigmoid_attn_fwd(GpuContext& ctx, const AttnDims& dm, const float* q, const
       tc_any(impl, prec, dp, tc_args(g), nullptr, work, ctx.sms(), ctx.stream());
       continue;
     }
+    g.vec = aligned ? 1 : 0;
     if (dp == 16)
-      launch_fwd<16>(ctx, g);
+      launch_fwd<16>(g, plan, ws, ctx.stream());
     else if (dp == 32)
-      launch_fwd<32>(ctx, g);
+      launch_fwd<32>(g, plan, ws, ctx.stream());
     else
-      launch_fwd<64>(ctx, g);
+      launch_fwd<64>(g, plan, ws, ctx.stream());
   }
 }
 
@@ -504,9 +839,12 @@ void sigmoid_attn_bwd(GpuContext& ctx, const AttnDims& dm, const float* q, const
   bool aligned = dm.d % 4 == 0 && aligned16(q, dm.heads * dm.d) && aligned16(k, dm.heads * dm.d) &&
                  aligned16(v, dm.vheads * dm.d) && aligned16(da, da_ld) && da_head_stride % 4 == 0;
   const std::size_t wbytes = tc_work_bytes(impl, prec, dm, dp, aligned);
-  if (wbytes) ctx.ensure_scratch(wbytes + 256);
+  const Plan plan = impl == Impl::simt ? plan_any(dp, static_cast<int>(dm.n), simt_dq_fused(), ctx.sms()) : Plan{};
+  const std::size_t sbytes = static_cast<std::size_t>(plan.ws_bwd) * sizeof(float);
+  if (wbytes + sbytes) ctx.ensure_scratch(wbytes + sbytes + 512);
   ScratchScope scope(ctx);
   void* work = wbytes ? scope.take<unsigned char>(wbytes) : nullptr;
+  float* ws = sbytes ? scope.take<float>(static_cast<std::size_t>(plan.ws_bwd)) : nullptr;
   for (int h = 0; h < dm.heads; ++h) {
     const int hv = dm.vheads == 1 ? 0 : h;
     SigArgs g = head_args(dm, h, q, k, v);
@@ -526,12 +864,13 @@ void sigmoid_attn_bwd(GpuContext& ctx, const AttnDims& dm, const float* q, const
     }
     sigmoid_delta_kernel<<<blocks_for(dm.n, 8, 16 * ctx.sms()), 256, 0, ctx.stream()>>>(g, delta + h);
     DFM_CUDA_LAUNCH_CHECK();
+    g.vec = aligned ? 1 : 0;
     if (dp == 16)
-      launch_bwd<16>(ctx, g);
+      launch_bwd<16>(g, plan, ws, ctx.stream());
     else if (dp == 32)
-      launch_bwd<32>(ctx, g);
+      launch_bwd<32>(g, plan, ws, ctx.stream());
     else
-      launch_bwd<64>(ctx, g);
+      launch_bwd<64>(g, plan, ws, ctx.stream());
   }
 }
 

@@ -183,9 +183,12 @@ void simple_fused_bwd(GpuContext& ctx, const AttnDims& dm, const float* q, const
 // w_ij = sigmoid(q_i . k_j) (no scaling), A_i = sum_j w_ij v_j / r_i, r_i = sum_j w_ij saved in
 // rowsum [n, heads]. Streams key tiles through shared memory: O(n d) memory. d <= 64.
 // Precision of the attention products (the row normaliser r_i is accumulated in fp32 always):
-//   fp32  the fp32 CUDA-core kernels (exact); DIFFORMER_SIGMOID_IMPL=mma: on the tensor cores as
-//         three TF32 products with the operands split hi + lo ("3xTF32"), 1.5x faster but its
-//         error grows with N (2.9e-5 at N = 4099 against 1.2e-6; tests/test_cuda_attention.cpp)
+//   fp32  the fp32 CUDA-core kernels (exact; dQ summed by atomics, in no fixed order:
+//         DIFFORMER_SIGMOID_SIMT=pass for a bitwise reproducible, slower backward);
+//         DIFFORMER_SIGMOID_IMPL=mma: on the tensor cores as three TF32 products with the operands
+//         split hi + lo ("3xTF32"), a little faster (fwd + bwd 34.5 against 39.1 ms at N = 3e4,
+//         d = 64) but its error grows with N (2.9e-5 at N = 4099 against 6.2e-7;
+//         tests/test_cuda_attention.cpp)
 //   tf32  operands rounded to TF32, fp32 accumulation (about 3e-4 relative error)
 //   bf16  operands rounded to bf16, fp32 accumulation (about 3e-3)
 // tf32 and bf16 run mma.sync kernels with the score tile in registers (attn_sigmoid_tc.cuh);

@@ -13,6 +13,7 @@
 #ifdef DIFFORMER_WITH_CUDA
 
 #include <cmath>
+#include <cstdlib>
 #include <numeric>
 #include <random>
 
@@ -457,9 +458,16 @@ TEST(CudaOps, AttentionBroadcastGradient) {
 
 TEST(CudaOps, SigmoidAttentionMatchesCpu) {
   SKIP_WITHOUT_GPU();
-  const AttnCase cases[] = {{300, 64, 1, 1, false}, {130, 8, 2, 1, false}, {129, 16, 2, 2, false},
-                            {64, 32, 1, 1, false},  {1000, 64, 1, 1, false}, {1, 20, 1, 1, false}};
+  // d > 64 takes the key-chunked cuBLAS path: chunks of 96 keys for the first wide case (so that
+  // several chunks and a ragged last one are crossed), the default chunking for the others.
+  const AttnCase cases[] = {{300, 64, 1, 1, false},  {130, 8, 2, 1, false},  {129, 16, 2, 2, false},
+                            {64, 32, 1, 1, false},   {1000, 64, 1, 1, false}, {1, 20, 1, 1, false},
+                            {301, 100, 2, 1, false}, {257, 300, 1, 1, false}, {700, 80, 2, 2, false}};
   for (const AttnCase& c : cases) {
+    if (c.d == 100)
+      setenv("DIFFORMER_SIGMOID_CHUNK_KEYS", "96", 1);
+    else
+      unsetenv("DIFFORMER_SIGMOID_CHUNK_KEYS");
     std::mt19937_64 g(c.n * 5 + c.d);
     const Index hd = c.heads * c.d, hvd = c.vheads * c.d;
     const Mat q = rand_mat(g, c.n, hd), k = rand_mat(g, c.n, hd), v = rand_mat(g, c.n, hvd);
@@ -486,6 +494,7 @@ TEST(CudaOps, SigmoidAttentionMatchesCpu) {
                            qd.data(), dkd.data(), dvd.data(), 0.0f, delta.data());
     EXPECT_LE(rel_err_floor(host(qd, c.n, hd), dq, floor), kGemm) << tag << " dq in place";
   }
+  unsetenv("DIFFORMER_SIGMOID_CHUNK_KEYS");
 }
 
 // ---- loss and optimiser ---------------------------------------------------------------------------------
@@ -715,6 +724,12 @@ std::vector<ModelCase> model_cases() {
     cs.push_back(m);
   }
   {
+    // 20news-a: DIFFormer-a at hidden 300 (the key-chunked sigmoid path)
+    ModelCase m{"sigmoid_wide_hidden_300_no_graph", base()};
+    m.cfg.kernel = Kernel::sigmoid, m.cfg.hidden = 300, m.cfg.use_graph = false, m.cfg.use_weight = false;
+    cs.push_back(m);
+  }
+  {
     ModelCase m{"zero_layers", base()};
     m.cfg.layers = 0;
     cs.push_back(m);
@@ -850,7 +865,7 @@ TEST(CudaModel, RejectsBadInput) {
   in.dense = &x;
   EXPECT_THROW(m.set_input(in), Error);  // 5 features, model expects 4 (and no graph)
   ModelConfig big = cfg;
-  big.kernel = Kernel::sigmoid, big.hidden = 128;
+  big.kernel = Kernel::sigmoid, big.hidden = 1024;  // widest GPU head: 512
   EXPECT_THROW(cuda::Model bad(big), Error);
 }
 

@@ -200,6 +200,7 @@ struct SimpleFusedState {
   Mat kv;           // [H*D, D]: KV_h = Kn_h^T V_h
   Mat ks;           // [H, D]   sum_l kn_l
   Mat gram;         // [D, D]   G = h^T h
+  Mat wqg, wkg;     // [H*D, D] W_q G, W_k G (kept for the backward's parameter gradients)
   Vec u;            // [D]      h^T 1
   double sq = 0, sk = 0;  // ||Q||_F, ||K||_F
 };

@@ -73,7 +73,7 @@ void simple_attn_fused_fwd(const Mat& h, const FoldedProjections& w, int heads, 
   prof::Section p_small("fused_fwd.dxd");
   st.u = h.colwise().sum().transpose();
   // W_q G and W_k G, one per thread: the norms need both, the K side is reused for K^T V below.
-  Mat wqg, wkg;
+  Mat &wqg = st.wqg, &wkg = st.wkg;
 #pragma omp parallel sections num_threads(2) if (omp_get_max_threads() > 1)
   {
 #pragma omp section
@@ -187,7 +187,7 @@ void simple_attn_fused_bwd(const Mat& h, const FoldedProjections& w, int heads, 
   std::vector<Vec> dks(heads), f(heads);
   double gamma_q = 0, gamma_k = 0;
   for (int hh = 0; hh < heads; ++hh) {
-    const auto wq_h = v.wq.middleRows(hh * d, d), wk_h = v.wk.middleRows(hh * d, d);
+    const auto wq_h = v.wq.middleRows(hh * d, d);
     const auto bq_h = v.bq.segment(hh * d, d), bk_h = v.bk.segment(hh * d, d);
     dkv[hh] = (wq_h * s.middleCols(hh * d, d) + bq_h * t.segment(hh * d, d)) * isq;
     dks[hh] = (wq_h * s.col(hd + hh) + bq_h * t[hd + hh]) * isq;
@@ -198,7 +198,7 @@ void simple_attn_fused_bwd(const Mat& h, const FoldedProjections& w, int heads, 
       e[hh] = dkv[hh];
       f[hh] = dks[hh];
     }
-    hk[hh] = (st.gram * wk_h.transpose() + st.u * bk_h.transpose()) * isk;
+    hk[hh] = (st.wkg.middleRows(hh * d, d).transpose() + st.u * bk_h.transpose()) * isk;  // G symmetric
     gamma_q += static_cast<double>(st.kv.middleRows(hh * d, d).cwiseProduct(dkv[hh]).sum()) +
                static_cast<double>(st.ks.row(hh).dot(dks[hh].transpose()));
     gamma_k += static_cast<double>(e[hh].transpose().cwiseProduct(hk[hh]).sum()) +
@@ -222,12 +222,12 @@ void simple_attn_fused_bwd(const Mat& h, const FoldedProjections& w, int heads, 
       const Vec rr = s.col(hd + hh);
       const Vec t_h = t.segment(hh * d, d).transpose();
       const float tau = t[hd + hh];
+      const auto wqg_h = st.wqg.middleRows(hh * d, d), wkg_h = st.wkg.middleRows(hh * d, d);  // W G, saved
       dwq.middleRows(hh * d, d).noalias() +=
-          (kv_h * r_h.transpose() + ks_h * rr.transpose() - (gq * isq) * (wq_h * st.gram + bq_h * st.u.transpose())) *
-          isq;
+          (kv_h * r_h.transpose() + ks_h * rr.transpose() - (gq * isq) * (wqg_h + bq_h * st.u.transpose())) * isq;
       dbq.segment(hh * d, d) += (kv_h * t_h + ks_h * tau - (gq * isq) * (wq_h * st.u + fn * bq_h)) * isq;
       dwk.middleRows(hh * d, d).noalias() +=
-          (e[hh] * st.gram + f[hh] * st.u.transpose() - (gk * isk) * (wk_h * st.gram + bk_h * st.u.transpose())) * isk;
+          (e[hh] * st.gram + f[hh] * st.u.transpose() - (gk * isk) * (wkg_h + bk_h * st.u.transpose())) * isk;
       dbk.segment(hh * d, d) += (e[hh] * st.u + fn * f[hh] - (gk * isk) * (wk_h * st.u + fn * bk_h)) * isk;
       p.middleRows(hh * d, d).noalias() = kv_h.transpose() * wq_h * isq;
       p.row(hd + hh) = (wq_h.transpose() * ks_h * isq).transpose();

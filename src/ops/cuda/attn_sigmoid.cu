@@ -682,9 +682,141 @@ void launch_bwd(SigArgs g, const Plan& p, float* ws, cudaStream_t st) {
   }
 }
 
+
+// ---- widths above 64: key chunks through cuBLAS ------------------------------------------------
+// The register-tiled kernels hold a row's d outputs in registers, so they stop at d = 64. Wider
+// heads (the paper's 20News / image settings: hidden 300, 400) stream chunks of B keys instead:
+//   forward   S = Q K_c^T (cuBLAS), w = sigmoid(S) and r += rowsum(w) in one pass, O += w V_c (cuBLAS)
+//   backward  S again, dP = dA V_c^T (cuBLAS), one pass: dS = w (1 - w) (dP - delta) / r, P = w / r;
+//             dV_c = P^T dA, dK_c = dS^T Q, dQ += dS K_c (cuBLAS)
+// Memory: one (forward) or two (backward) [n, B] buffers, B chosen so that each stays under
+// kChunkFloats floats (n B <= 32M: 128 MB), plus an [n, d] dQ buffer (dq may alias q). GEMMs in
+// fp32, or TF32 where the context's precision is tf32 (cuBLAS math mode); bf16 runs them in fp32.
+constexpr Index kChunkFloats = Index{32} << 20;
+// DIFFORMER_SIGMOID_CHUNK_KEYS=B forces the chunk (tests use it to cross chunk boundaries).
+Index chunk_keys(Index n) {
+  if (const char* e = std::getenv("DIFFORMER_SIGMOID_CHUNK_KEYS"); e != nullptr && std::atoll(e) > 0)
+    return std::min<Index>(n, std::atoll(e));
+  return std::min<Index>(n, std::max<Index>(512, kChunkFloats / std::max<Index>(n, 1)));
+}
+
+// w = sigmoid(s) in place over an [n, b] chunk; r[i * ldr] = (first ? 0 : r) + sum_j w_ij unless r is
+// null. A warp per row.
+__global__ void chunk_sigmoid_rowsum(float* s, Index n, Index b, float* r, Index ldr, bool first) {
+  const int lane = threadIdx.x & 31;
+  const Index nwarps = (static_cast<Index>(gridDim.x) * blockDim.x) >> 5;
+  for (Index i = (blockIdx.x * static_cast<Index>(blockDim.x) + threadIdx.x) >> 5; i < n; i += nwarps) {
+    float* row = s + i * b;
+    float acc = 0.0f;
+    for (Index j = lane; j < b; j += 32) {
+      const float w = sigm(row[j]);
+      row[j] = w;
+      acc += w;
+    }
+    if (r == nullptr) continue;
+    acc = warp_sum(acc);
+    if (lane == 0) r[i * ldr] = (first ? 0.0f : r[i * ldr]) + acc;
+  }
+}
+
+// o[i, c] /= r[i * ldr] for c < d
+__global__ void chunk_normalise(float* o, Index ldo, Index n, Index d, const float* r, Index ldr) {
+  const Index total = n * d;
+  for (Index e = blockIdx.x * static_cast<Index>(blockDim.x) + threadIdx.x; e < total;
+       e += static_cast<Index>(gridDim.x) * blockDim.x) {
+    const Index i = e / d, c = e % d;
+    o[i * ldo + c] /= r[i * ldr];
+  }
+}
+
+// in: w (sigmoid scores) and dP of an [n, b] chunk; out: w / r_i and dS = w (1 - w) (dP - delta_i) / r_i
+__global__ void chunk_sigmoid_grad(float* w_to_p, float* dp_to_ds, Index n, Index b, const float* r,
+                                   const float* delta, Index ldr) {
+  const int lane = threadIdx.x & 31;
+  const Index nwarps = (static_cast<Index>(gridDim.x) * blockDim.x) >> 5;
+  for (Index i = (blockIdx.x * static_cast<Index>(blockDim.x) + threadIdx.x) >> 5; i < n; i += nwarps) {
+    const float ri = 1.0f / r[i * ldr], dl = delta[i * ldr];
+    float* wr = w_to_p + i * b;
+    float* dr = dp_to_ds + i * b;
+    for (Index j = lane; j < b; j += 32) {
+      const float w = wr[j];
+      dr[j] = w * (1.0f - w) * (dr[j] - dl) * ri;
+      wr[j] = w * ri;
+    }
+  }
+}
+
+void chunked_fwd(GpuContext& ctx, const AttnDims& dm, const float* q, const float* k, const float* v, float* a,
+                 float* rowsum) {
+  const Index n = dm.n, d = dm.d, ldq = dm.heads * d, ldv = dm.vheads * d, lda = dm.heads * d;
+  const Index bk = chunk_keys(n);
+  ctx.ensure_scratch(static_cast<std::size_t>(n * bk) * sizeof(float) + 512);
+  ScratchScope scope(ctx);
+  float* sbuf = scope.take<float>(static_cast<std::size_t>(n * bk));
+  const int rows_grid = blocks_for(n, 8, 16 * ctx.sms());
+  for (int h = 0; h < dm.heads; ++h) {
+    const float *qh = q + h * d, *kh = k + h * d, *vh = v + (dm.vheads == 1 ? 0 : h) * d;
+    float* ah = a + h * d;
+    for (Index j0 = 0; j0 < n; j0 += bk) {
+      const Index b = std::min(bk, n - j0);
+      gemm(ctx, false, true, n, b, d, 1.0f, qh, ldq, kh + j0 * ldq, ldq, 0.0f, sbuf, b);
+      chunk_sigmoid_rowsum<<<rows_grid, 256, 0, ctx.stream()>>>(sbuf, n, b, rowsum + h, dm.heads, j0 == 0);
+      DFM_CUDA_LAUNCH_CHECK();
+      gemm(ctx, false, false, n, d, b, 1.0f, sbuf, b, vh + j0 * ldv, ldv, j0 == 0 ? 0.0f : 1.0f, ah, lda);
+    }
+    chunk_normalise<<<blocks_for(n * d, 256, 16 * ctx.sms()), 256, 0, ctx.stream()>>>(ah, lda, n, d, rowsum + h,
+                                                                                        dm.heads);
+    DFM_CUDA_LAUNCH_CHECK();
+  }
+}
+
+void chunked_bwd(GpuContext& ctx, const AttnDims& dm, const float* q, const float* k, const float* v, const float* a,
+                 const float* rowsum, const float* da, Index da_ld, Index da_head_stride, float da_scale, float* dq,
+                 float* dk, float* dv, float dv_beta, float* delta) {
+  const Index n = dm.n, d = dm.d, ldq = dm.heads * d, ldv = dm.vheads * d;
+  const Index bk = chunk_keys(n);
+  ctx.ensure_scratch(static_cast<std::size_t>(2 * n * bk + n * d) * sizeof(float) + 1024);
+  ScratchScope scope(ctx);
+  float* wbuf = scope.take<float>(static_cast<std::size_t>(n * bk));
+  float* dbuf = scope.take<float>(static_cast<std::size_t>(n * bk));
+  float* dq_tmp = scope.take<float>(static_cast<std::size_t>(n * d));  // dq may alias q: written at the end
+  const int rows_grid = blocks_for(n, 8, 16 * ctx.sms());
+  for (int h = 0; h < dm.heads; ++h) {
+    const int hv = dm.vheads == 1 ? 0 : h;
+    const float *qh = q + h * d, *kh = k + h * d, *vh = v + hv * d, *dah = da + h * da_head_stride;
+    float* dvh = dv + hv * d;
+    const float beta_v = (dm.vheads == 1 && h > 0) ? 1.0f : dv_beta;
+    SigArgs g{};
+    g.a = a + h * d, g.lda = dm.heads * d, g.da = dah, g.ldda = da_ld, g.da_scale = da_scale;
+    g.n = static_cast<int>(n), g.d = static_cast<int>(d), g.ldr = dm.heads;
+    sigmoid_delta_kernel<<<rows_grid, 256, 0, ctx.stream()>>>(g, delta + h);
+    DFM_CUDA_LAUNCH_CHECK();
+    for (Index j0 = 0; j0 < n; j0 += bk) {
+      const Index b = std::min(bk, n - j0);
+      gemm(ctx, false, true, n, b, d, 1.0f, qh, ldq, kh + j0 * ldq, ldq, 0.0f, wbuf, b);
+      chunk_sigmoid_rowsum<<<rows_grid, 256, 0, ctx.stream()>>>(wbuf, n, b, nullptr, 0, true);
+      DFM_CUDA_LAUNCH_CHECK();
+      gemm(ctx, false, true, n, b, d, da_scale, dah, da_ld, vh + j0 * ldv, ldv, 0.0f, dbuf, b);
+      chunk_sigmoid_grad<<<rows_grid, 256, 0, ctx.stream()>>>(wbuf, dbuf, n, b, rowsum + h, delta + h, dm.heads);
+      DFM_CUDA_LAUNCH_CHECK();
+      gemm(ctx, true, false, b, d, n, da_scale, wbuf, b, dah, da_ld, beta_v, dvh + j0 * ldv, ldv);
+      gemm(ctx, true, false, b, d, n, 1.0f, dbuf, b, qh, ldq, 0.0f, dk + h * d + j0 * ldq, ldq);
+      gemm(ctx, false, false, n, d, b, 1.0f, dbuf, b, kh + j0 * ldq, ldq, j0 == 0 ? 0.0f : 1.0f, dq_tmp, d);
+    }
+    DFM_CUDA_CHECK(cudaMemcpy2DAsync(dq + h * d, ldq * sizeof(float), dq_tmp, d * sizeof(float), d * sizeof(float),
+                                     n, cudaMemcpyDeviceToDevice, ctx.stream()));
+  }
+}
+
+// The widest head the GPU takes: the chunked path has no limit of its own; this one keeps the
+// model's other row kernels (LayerNorm rows up to 512) in range.
+constexpr int kMaxChunkedWidth = 512;
+void check_width(Index d) {
+  DFM_CHECK(d >= 1 && d <= kMaxChunkedWidth, "sigmoid attention on the GPU supports hidden widths 1 .. ",
+            kMaxChunkedWidth, " (got ", d, "): use --device cpu or a smaller --hidden");
+}
 int padded_width(Index d) {
-  DFM_CHECK(d >= 1 && d <= 64, "sigmoid attention on the GPU supports hidden widths 1 .. 64 (got ", d,
-            "): use --device cpu or a smaller --hidden");
+  DFM_CHECK(d >= 1 && d <= 64, "sigmoid attention: the register-tiled kernels take widths 1 .. 64 (got ", d, ")");
   return d <= 16 ? 16 : (d <= 32 ? 32 : 64);
 }
 
@@ -794,12 +926,17 @@ bool aligned16(const float* p, Index ld) {
 
 }  // namespace
 
-int sigmoid_attn_max_d() { return 64; }
+int sigmoid_attn_max_d() { return kMaxChunkedWidth; }
 
 void sigmoid_attn_fwd(GpuContext& ctx, const AttnDims& dm, const float* q, const float* k, const float* v, float* a,
                       float* rowsum, AttnPrecision prec) {
   if (dm.n == 0) return;
   DFM_CHECK(dm.n < (Index{1} << 31) - kBO, "sigmoid attention: too many rows (", dm.n, ")");
+  if (dm.d > 64) {
+    check_width(dm.d);
+    chunked_fwd(ctx, dm, q, k, v, a, rowsum);
+    return;
+  }
   const int dp = padded_width(dm.d);
   const Impl impl = impl_for(prec);
   bool aligned = dm.d % 4 == 0 && aligned16(q, dm.heads * dm.d) && aligned16(k, dm.heads * dm.d) &&
@@ -834,6 +971,11 @@ void sigmoid_attn_bwd(GpuContext& ctx, const AttnDims& dm, const float* q, const
                       float da_scale, float* dq, float* dk, float* dv, float dv_beta, float* delta,
                       AttnPrecision prec) {
   if (dm.n == 0) return;
+  if (dm.d > 64) {
+    check_width(dm.d);
+    chunked_bwd(ctx, dm, q, k, v, a, rowsum, da, da_ld, da_head_stride, da_scale, dq, dk, dv, dv_beta, delta);
+    return;
+  }
   const int dp = padded_width(dm.d);
   const Impl impl = impl_for(prec);
   bool aligned = dm.d % 4 == 0 && aligned16(q, dm.heads * dm.d) && aligned16(k, dm.heads * dm.d) &&

@@ -181,7 +181,8 @@ void simple_fused_bwd(GpuContext& ctx, const AttnDims& dm, const float* q, const
 
 // ---- DIFFormer-a (sigmoid) attention, flash-style ---------------------------------------------------
 // w_ij = sigmoid(q_i . k_j) (no scaling), A_i = sum_j w_ij v_j / r_i, r_i = sum_j w_ij saved in
-// rowsum [n, heads]. Streams key tiles through shared memory: O(n d) memory. d <= 64.
+// rowsum [n, heads]. d <= 64: register-tiled kernels streaming key tiles through shared memory,
+// O(n d) memory; 64 < d <= 512 (sigmoid_attn_max_d): key chunks through cuBLAS, O(n B) scratch.
 // Precision of the attention products (the row normaliser r_i is accumulated in fp32 always):
 //   fp32  the fp32 CUDA-core kernels (exact; dQ summed by atomics, in no fixed order:
 //         DIFFORMER_SIGMOID_SIMT=pass for a bitwise reproducible, slower backward);

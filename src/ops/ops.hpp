@@ -115,7 +115,9 @@ void dropout_fwd_range(float* x, std::uint8_t* keep, Index begin, Index end, flo
 inline std::uint64_t dropout_key(std::uint64_t seed, std::uint64_t high_word) {
   return seed ^ (high_word * 0xd1342543de82ef95ULL);
 }
-inline std::uint32_t dropout_hash32(std::uint32_t x, std::uint64_t key) {
+// U: std::uint32_t, or a GCC vector of them (the CPU's 8-lane path runs the same rounds).
+template <typename U>
+inline U dropout_hash32(U x, std::uint64_t key) {
   x ^= static_cast<std::uint32_t>(key);
   x ^= x >> 16;
   x *= 0x7feb352dU;

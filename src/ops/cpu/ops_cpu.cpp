@@ -65,18 +65,10 @@ typedef std::uint8_t v8u8 __attribute__((vector_size(8)));
 // dropout_draw(seed, base + k) >= threshold for k = 0..7, as a lane mask (-1 kept, 0 dropped).
 inline v8i32 keep_mask8(std::uint64_t seed, std::uint64_t base, std::uint32_t threshold) {
   v8i32 r;
-  if ((base >> 32) == ((base + 7) >> 32)) {  // one key for the 8 lanes: dropout_hash32 vectorised
+  if ((base >> 32) == ((base + 7) >> 32)) {  // one key for the 8 lanes: dropout_hash32 on a vector
     typedef std::uint32_t v8u32 __attribute__((vector_size(32)));
-    const std::uint64_t key = dropout_key(seed, base >> 32);
-    v8u32 x = v8u32{0, 1, 2, 3, 4, 5, 6, 7} + static_cast<std::uint32_t>(base);
-    x ^= static_cast<std::uint32_t>(key);
-    x ^= x >> 16;
-    x *= 0x7feb352dU;
-    x ^= x >> 15;
-    x ^= static_cast<std::uint32_t>(key >> 32);
-    x *= 0x846ca68bU;
-    x ^= x >> 16;
-    r = reinterpret_cast<v8i32>(x >> 8);
+    const v8u32 lanes = v8u32{0, 1, 2, 3, 4, 5, 6, 7} + static_cast<std::uint32_t>(base);
+    r = reinterpret_cast<v8i32>(dropout_hash32(lanes, dropout_key(seed, base >> 32)));
   } else {
     for (int k = 0; k < 8; ++k) r[k] = static_cast<std::int32_t>(dropout_draw(seed, base + k));
   }

@@ -247,7 +247,7 @@ void compare_lean_with_model(const LeanCase& lc) {
   model.forward(in, lc.training, seed, &st, logits);
   const float loss_model = cpu::cross_entropy(logits, y, idx, dl);
   model.backward(in, st, dl);
-  const std::vector<float> g_model = model.params.grads;
+  const FloatBuffer g_model = model.params.grads;
 
   model.params.zero_grad();
   LeanWorkspace ws;
@@ -362,7 +362,7 @@ TEST(Minibatch, ChunksWithoutTrainingNodesAreSkipped) {
   Adam adam(AdamOptions{0.01f, 0.0f});
   MinibatchWorkspace ws;
   std::vector<std::uint8_t> is_train(d.n, 0);
-  const std::vector<float> before = model.params.values;
+  const FloatBuffer before = model.params.values;
   EpochStats st = train_minibatch_epoch(model, adam, d, is_train, 10, 0, 0, true, ws);
   EXPECT_EQ(st.steps, 0);
   EXPECT_EQ(st.skipped, 10);

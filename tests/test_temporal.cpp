@@ -101,7 +101,7 @@ ModelConfig small_config(Kernel kernel, Index lags) {
 }
 
 struct HandResult {
-  std::vector<float> params;
+  FloatBuffer params;
   double test_mse = 0, test_paper = 0;
   int best_epoch = -1;
 };
@@ -165,7 +165,7 @@ HandResult hand_train(const ModelConfig& cfg, std::uint64_t seed, const std::vec
   return h;
 }
 
-double max_abs_diff(const std::vector<float>& a, const std::vector<float>& b) {
+double max_abs_diff(const FloatBuffer& a, const FloatBuffer& b) {
   EXPECT_EQ(a.size(), b.size());
   double m = 0;
   for (size_t i = 0; i < a.size() && i < b.size(); ++i) m = std::max(m, std::abs(double(a[i]) - b[i]));

@@ -34,7 +34,7 @@ class Scripted final : public NodeTrainBackend {
     ++evals;
     return logits;
   }
-  void current_params(std::vector<float>& out) override { out = {static_cast<float>(epoch)}; }
+  void current_params(FloatBuffer& out) override { out = {static_cast<float>(epoch)}; }
   Mat logits;
   int evals = 0;
 };

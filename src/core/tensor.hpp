@@ -18,6 +18,11 @@ using MatMap = Eigen::Map<Mat>;
 using ConstMatMap = Eigen::Map<const Mat>;
 using VecMap = Eigen::Map<Vec>;
 using ConstVecMap = Eigen::Map<const Vec>;
+// A float array at Eigen's largest packet alignment. Vectorised Eigen kernels choose where their
+// packets start by the address of the data, so on a buffer placed wherever the heap puts it the
+// order of a sum (and with it the last bit of a result, and after many epochs the whole trajectory)
+// would depend on the heap's layout, e.g. on the length of a file name given on the command line.
+using FloatBuffer = std::vector<float, Eigen::aligned_allocator<float>>;
 
 // Compressed sparse rows. For a graph operator, row i lists the edges whose TARGET is i and
 // indices[] holds their sources, so y = A x is a row-parallel gather with no atomics.

@@ -35,7 +35,7 @@ class ParamStore {
   Index total() const { return static_cast<Index>(values.size()); }
 
   std::vector<ParamSlot> slots;
-  std::vector<float> values, grads;
+  FloatBuffer values, grads;  // aligned: results must not depend on where the heap puts them
 };
 
 }  // namespace dfm

@@ -53,7 +53,7 @@ struct TemporalRunResult {
   SnapshotScores val, test;  // at the best-validation weights
   double ms_per_epoch = 0;   // median over epochs of (training pass + validation pass)
   double seconds = 0;
-  std::vector<float> best_params;
+  FloatBuffer best_params;
 };
 
 // in[t] / y[t]: model input and target [N, 1] of snapshot t (inputs carry that snapshot's graph).

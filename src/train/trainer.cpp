@@ -37,7 +37,7 @@ class CpuBackend final : public NodeTrainBackend {
     model_.forward(in_, false, 0, nullptr, eval_);
     return eval_;
   }
-  void current_params(std::vector<float>& out) override { out = model_.params.values; }
+  void current_params(FloatBuffer& out) override { out = model_.params.values; }
 
  private:
   DIFFormer& model_;
@@ -65,7 +65,7 @@ class CudaBackend final : public NodeTrainBackend {
     gpu_.download_logits(eval_);
     return eval_;
   }
-  void current_params(std::vector<float>& out) override {
+  void current_params(FloatBuffer& out) override {
     gpu_.download_params(params_);
     out = params_.values;
   }

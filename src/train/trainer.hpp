@@ -37,7 +37,7 @@ struct RunResult {
   double val = 0, test = 0;  // at the best-validation epoch, accuracy in [0, 1]
   double ms_per_epoch = 0;   // median over epochs of (training step + evaluation forward)
   double seconds = 0;
-  std::vector<float> best_params;  // parameters at the best-validation epoch
+  FloatBuffer best_params;  // parameters at the best-validation epoch
   std::int64_t peak_device_bytes = 0;  // GPU allocator high-water mark (0 on the CPU)
 };
 
@@ -52,7 +52,7 @@ class NodeTrainBackend {
   // Inference forward (no dropout) over every row; the logits [N, C] on the host.
   virtual const Mat& eval_logits() = 0;
   // The current parameter values (the flat order of ParamStore).
-  virtual void current_params(std::vector<float>& out) = 0;
+  virtual void current_params(FloatBuffer& out) = 0;
   virtual std::int64_t peak_device_bytes() const { return 0; }
 };
 

@@ -2,6 +2,9 @@
 // Reductions over N (X^T Y products) are split over threads into private partial results and
 // summed, because Eigen's own GEMM parallelises over the (small, D x D) output only.
 #include <omp.h>
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif
 
 #include <algorithm>
 #include <cmath>
@@ -74,14 +77,27 @@ inline v8i32 keep_mask8(std::uint64_t seed, std::uint64_t base, std::uint32_t th
   }
   return r >= static_cast<std::int32_t>(threshold);  // draws are < 2^24: the signed compare is exact
 }
+// The 8 lanes as bytes 0 / 1 and back. With AVX2 by two saturating packs / one widening load (GCC
+// lowers __builtin_convertvector between these widths to per-lane scalar code).
 inline void store_keep8(std::uint8_t* k, v8i32 mask) {
+#ifdef __AVX2__
+  const __m256i m = reinterpret_cast<__m256i>(mask & 1);
+  const __m128i w16 = _mm_packs_epi32(_mm256_castsi256_si128(m), _mm256_extracti128_si256(m, 1));
+  _mm_storel_epi64(reinterpret_cast<__m128i*>(k), _mm_packs_epi16(w16, w16));
+#else
   const v8u8 b = __builtin_convertvector(mask & 1, v8u8);
   std::memcpy(k, &b, sizeof b);
+#endif
 }
 inline v8i32 load_keep8(const std::uint8_t* k) {
+#ifdef __AVX2__
+  const __m256i w = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(k)));
+  return reinterpret_cast<v8i32>(w) != 0;
+#else
   v8u8 b;
   std::memcpy(&b, k, sizeof b);
   return __builtin_convertvector(b, v8i32) != 0;
+#endif
 }
 inline float hsum8(v8f v) {
   return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]));
@@ -543,17 +559,27 @@ void mix_layernorm_dropout_rows(const MixInputs& m, const float* gamma, const fl
     if (d == 64) {  // the row in eight 8-float registers, one pass
       constexpr int B = 8;
       for (Index i = lo; i < hi; ++i) {
+        // zr = sum_h wa a_h + cg g, in that order (as the generic path below). The gathered graph
+        // row stays in the eight registers it is summed in (a round trip through memory and a
+        // second set of eight accumulators cost register spills), and each 8-float block of the
+        // heads' sum is formed next to it.
         v8f zr[B];
-        for (int b = 0; b < B; ++b) zr[b] = v8f{};
-        if (pa)
-          for (int hh = 0; hh < heads; ++hh) {
-            const float* ai = pa + i * lda + hh * d;
-            for (int b = 0; b < B; ++b) zr[b] += wa * load8(ai + 8 * b);
+        if (adj) {
+          for (int b = 0; b < B; ++b) zr[b] = v8f{};
+          for (Index e = adj->indptr[i]; e < adj->indptr[i + 1]; ++e) {
+            const v8f w = v8f{} + adj->values[e];
+            const float* src = psrc + static_cast<Index>(adj->indices[e]) * ldsrc;
+            for (int b = 0; b < B; ++b) zr[b] += w * load8(src + 8 * b);
           }
-        if (pg || adj) {
-          const float* g = pg ? pg + i * d : gi;
-          if (!pg) gather_block<8>(*adj, i, psrc, ldsrc, gi, 1.0f, false);
-          for (int b = 0; b < B; ++b) zr[b] += cg * load8(g + 8 * b);
+        } else if (pg) {
+          for (int b = 0; b < B; ++b) zr[b] = load8(pg + i * d + 8 * b);
+        }
+        const bool graph = adj || pg;
+        for (int b = 0; b < B; ++b) {
+          v8f t = v8f{};
+          if (pa)
+            for (int hh = 0; hh < heads; ++hh) t += wa * load8(pa + i * lda + hh * d + 8 * b);
+          zr[b] = graph ? t + cg * zr[b] : t;
         }
         const float* hi = ph + i * d;
         v8f sum = v8f{};

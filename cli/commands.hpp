@@ -12,6 +12,7 @@ struct TrainFlags {
   std::string save_path;  // --save: checkpoint of the best run (node classification)
   std::string data, split = "random", splits_file, json_out, device = "cpu", precision = "fp32";
   std::string preset, data_dir = "data", task = "auto", knn_metric = "euclidean";
+  int first_run = 0;  // runs first_run .. first_run + runs - 1 (to split one protocol over processes)
   int epochs = 500, runs = 5, threads = 0, eval_every = 1, per_class = 20, val = 500, test = 1000;
   int knn = 0;        // 0: no kNN graph
   int patience = 20;  // temporal early stopping

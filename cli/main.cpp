@@ -34,6 +34,10 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   train->add_option("--save", tf.save_path, "save the best run's best-validation weights (checkpoint .npz)");
   train->add_option("--runs", tf.runs, "independent runs; run r uses seed + r")->capture_default_str();
+  train->add_option("--first-run", tf.first_run,
+                    "run the runs first-run .. first-run + runs - 1 (seed + r, --splits row r): one protocol split over "
+                    "processes gives exactly the runs of a single invocation")
+      ->capture_default_str();
   train->add_option("--seed", tf.seed, "base seed (split, initialisation, dropout)")->capture_default_str();
   train->add_option("--split", tf.split, "random (per class) or public (the file's train/val/test_idx)")
       ->capture_default_str();

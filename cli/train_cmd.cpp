@@ -52,6 +52,7 @@ json settings_json(const TrainFlags& f) {
               {"weight_decay", f.weight_decay},
               {"epochs", f.epochs},
               {"runs", f.runs},
+              {"first_run", f.first_run},
               {"seed", f.seed},
               {"threads", f.threads},
               {"device", f.device},
@@ -133,7 +134,7 @@ int train_classification(const TrainFlags& f, const ModelFlags& mf) {
   std::vector<double> tests, ms;
   json runs = json::array();
   double best_val = -1.0;
-  for (int r = 0; r < f.runs; ++r) {
+  for (int r = f.first_run; r < f.first_run + f.runs; ++r) {
     const std::uint64_t seed = f.seed + static_cast<std::uint64_t>(r);
     Split split;
     std::string split_name;
@@ -183,7 +184,7 @@ int train_classification(const TrainFlags& f, const ModelFlags& mf) {
     if (!f.quiet)
       std::printf("run %d/%d seed %llu split %s (%zu/%zu/%zu): best epoch %d, val %.2f, test %.2f  (%.1f s, %.2f "
                   "ms/epoch)\n",
-                  r + 1, f.runs, (unsigned long long)seed, split_name.c_str(), split.train.size(), split.val.size(),
+                  r + 1, f.first_run + f.runs, (unsigned long long)seed, split_name.c_str(), split.train.size(), split.val.size(),
                   split.test.size(), res.best_epoch, 100.0 * res.val, 100.0 * res.test, res.seconds, res.ms_per_epoch);
     std::fflush(stdout);
   }
@@ -268,7 +269,7 @@ int train_temporal_task(const TrainFlags& f, const ModelFlags& mf) {
   opt.paper_mse_loss = f.paper_mse;
   std::vector<double> mses, papers, ms;
   json runs = json::array();
-  for (int r = 0; r < f.runs; ++r) {
+  for (int r = f.first_run; r < f.first_run + f.runs; ++r) {
     const std::uint64_t seed = f.seed + static_cast<std::uint64_t>(r);
     DIFFormer model(cfg);
     std::mt19937_64 rng(seed);
@@ -290,7 +291,7 @@ int train_temporal_task(const TrainFlags& f, const ModelFlags& mf) {
     if (!f.quiet)
       std::printf("run %d/%d seed %llu: best epoch %d of %d, val MSE %.4f, test MSE %.4f, paper_mse %.4f  (%.1f s, "
                   "%.2f ms/epoch)\n",
-                  r + 1, f.runs, (unsigned long long)seed, res.best_epoch, res.epochs_run, res.val.mse, res.test.mse,
+                  r + 1, f.first_run + f.runs, (unsigned long long)seed, res.best_epoch, res.epochs_run, res.val.mse, res.test.mse,
                   res.test.paper_mse, res.seconds, res.ms_per_epoch);
     std::fflush(stdout);
   }
@@ -375,6 +376,7 @@ void configure_train(CLI::App* train, TrainFlags& f) {
   DFM_CHECK(!was_set(f, "--knn") || f.knn >= 1, "--knn must be >= 1 (got ", f.knn, ")");
   parse_knn_metric(f.knn_metric);
   DFM_CHECK(f.runs >= 1, "--runs must be >= 1 (got ", f.runs, ")");
+  DFM_CHECK(f.first_run >= 0, "--first-run must be >= 0 (got ", f.first_run, ")");
   DFM_CHECK(f.epochs >= 1, "--epochs must be >= 1 (got ", f.epochs, ")");
   DFM_CHECK(f.split == "random" || f.split == "public", "--split: expected random or public, got '", f.split, "'");
   if (f.task == "temporal") {

@@ -11,7 +11,8 @@
 //   tf32  forward 3e-3, backward 6e-3 (measured <= 3.8e-4 / 5.3e-4)
 //   bf16  forward 2e-2, backward 5e-2 (measured <= 2.9e-3 / 4.3e-3)
 // (n = 1: dQ = dK = 0 exactly, measured relative to ||dA||.) Each precision is checked in every
-// implementation it has (DIFFORMER_SIGMOID_IMPL: default, mma, wmma; simt for fp32).
+// implementation it has (DIFFORMER_SIGMOID_IMPL: default, mma, wmma, chunked; simt for fp32;
+// chunked, the key chunks through cuBLAS, at the fp32 tolerance: its GEMMs are exact fp32).
 // SigmoidRealisticErrors prints the errors of every precision against the reference and against
 // the fp32 CUDA-core kernel on projections of LayerNormed h (the figures of the report).
 // Compiled only with DIFFORMER_WITH_CUDA; every test skips itself without a GPU.
@@ -106,15 +107,21 @@ struct Case {
   bool shared_da;  // one [n, d] gradient for every head (stride 0), scaled by 0.25
 };
 
-class ImplScope {  // DIFFORMER_SIGMOID_IMPL for the scope (null: the default)
+// DIFFORMER_SIGMOID_IMPL for the scope (null: the default); "chunked" also takes chunks of 96 keys,
+// so that every case but the smallest crosses chunk boundaries and ends on a ragged chunk.
+class ImplScope {
  public:
   explicit ImplScope(const char* impl) {
     if (impl)
       setenv("DIFFORMER_SIGMOID_IMPL", impl, 1);
     else
       unsetenv("DIFFORMER_SIGMOID_IMPL");
+    if (impl && std::string(impl) == "chunked") setenv("DIFFORMER_SIGMOID_CHUNK_KEYS", "96", 1);
   }
-  ~ImplScope() { unsetenv("DIFFORMER_SIGMOID_IMPL"); }
+  ~ImplScope() {
+    unsetenv("DIFFORMER_SIGMOID_IMPL");
+    unsetenv("DIFFORMER_SIGMOID_CHUNK_KEYS");
+  }
 };
 
 void check_case(const Case& c, const Tol& t, const char* impl) {
@@ -147,7 +154,8 @@ void check_case(const Case& c, const Tol& t, const char* impl) {
                        rel_err(o.dv, MatD(dv + dv0.cast<double>())),
                        rel_floor(o.dq_inplace, dq, floor)};
   std::printf("  %-44s A %.2e  r %.2e  dQ %.2e  dK %.2e  dV %.2e\n", tag.c_str(), e[0], e[1], e[2], e[3], e[4]);
-  const bool tc32 = t.p == AttnPrecision::fp32 && impl != nullptr && std::string(impl) != "simt";
+  const bool tc32 = t.p == AttnPrecision::fp32 && impl != nullptr && std::string(impl) != "simt" &&
+                    std::string(impl) != "chunked";  // chunked: cuBLAS SGEMM, exact fp32
   const double x = tc32 ? 10.0 : 1.0;  // 3xTF32: 1e-4
   EXPECT_LE(e[0], x * t.fwd) << tag << " A";
   EXPECT_LE(e[1], x * t.fwd) << tag << " rowsum";
@@ -162,12 +170,12 @@ const Case kCases[] = {{77, 64, 1, 1, false},  {301, 29, 3, 3, false}, {130, 16,
 
 TEST(CudaAttention, SigmoidFp32MatchesReference) {
   SKIP_WITHOUT_GPU();
-  for (const char* impl : {static_cast<const char*>(nullptr), "simt", "mma", "wmma"})
+  for (const char* impl : {static_cast<const char*>(nullptr), "simt", "mma", "wmma", "chunked"})
     for (const Case& c : kCases) check_case(c, kTols[0], impl);
 }
 TEST(CudaAttention, SigmoidTf32MatchesReference) {
   SKIP_WITHOUT_GPU();
-  for (const char* impl : {static_cast<const char*>(nullptr), "mma", "wmma"})
+  for (const char* impl : {static_cast<const char*>(nullptr), "mma", "wmma", "chunked"})
     for (const Case& c : kCases) check_case(c, kTols[1], impl);
 }
 TEST(CudaAttention, SigmoidBf16MatchesReference) {
@@ -225,6 +233,10 @@ TEST(CudaAttention, SigmoidRealisticErrors) {
     EXPECT_LE(std::max({e[2], e[3], e[4]}), x * t.bwd) << name;
   };
   report("fp32 simt", simt, kTols[0]);
+  {
+    ImplScope s("chunked");
+    report("fp32 chunked", run_gpu(AttnPrecision::fp32, dm, q, k, v, da, d, d, 1.0f, zero), kTols[0]);
+  }
   for (const char* impl : {"mma", "wmma"}) {
     ImplScope s(impl);
     for (const Tol& t : kTols)

@@ -204,6 +204,25 @@ TEST_F(Cli, CitationPresetSharesOneSplitAcrossRuns) {
     EXPECT_TRUE(j.contains(key)) << key;
 }
 
+// --first-run K --runs 1 is run K of a longer invocation: its seed, its split row, its result.
+TEST_F(Cli, FirstRunGivesThatRunOfTheWholeProtocol) {
+  const std::string common = "--preset cora-s --splits data/splits/cora_random10.npz --epochs 3 --layers 2 ";
+  const json all = train_json(common + "--runs 3");
+  const json third = train_json(common + "--runs 1 --first-run 2");
+  ASSERT_EQ(all["runs"].size(), 3u);
+  ASSERT_EQ(third["runs"].size(), 1u);
+  EXPECT_EQ(third["runs"][0]["seed"], 2);
+  EXPECT_EQ(third["runs"][0]["split"], all["runs"][2]["split"]);
+  EXPECT_NE(all["runs"][2]["split"], all["runs"][0]["split"]);
+  EXPECT_EQ(third["runs"][0]["val"], all["runs"][2]["val"]);
+  EXPECT_EQ(third["runs"][0]["test"], all["runs"][2]["test"]);
+  EXPECT_EQ(third["runs"][0]["best_epoch"], all["runs"][2]["best_epoch"]);
+  std::string out;
+  EXPECT_NE(run("train " + common + "--runs 1 --first-run 10", out), 0);
+  EXPECT_NE(out.find("run 10"), std::string::npos) << out;  // the split file has 10 rows
+  expect_error("train " + common + "--first-run -1", "--first-run must be >= 0");
+}
+
 TEST_F(Cli, InstanceTaskDetectedWithItsDefaultsAndSplitSizes) {
   const json j = train_json("--data data/digits.npz --per-class 10 --epochs 2 --runs 2");
   EXPECT_EQ(j["task"], "instance");  // no edge_index

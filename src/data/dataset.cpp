@@ -188,7 +188,7 @@ Split load_split_file(const std::string& path, int run, Index nodes) {
     const NpyArray& a = z.at(name);
     expect(a, what, DType::i64, 2);
     DFM_CHECK(run >= 0 && run < a.dim(0), what, " has ", a.dim(0), " rows (one split per run), run ", run,
-              " asked for; use --runs <= ", a.dim(0));
+              " asked for; --first-run + --runs must be <= ", a.dim(0));
     const auto all = a.to_i64(what);
     const Index w = a.dim(1);
     return std::vector<std::int64_t>(all.begin() + run * w, all.begin() + (run + 1) * w);

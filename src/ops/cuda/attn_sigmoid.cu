@@ -694,19 +694,23 @@ void launch_bwd(SigArgs g, const Plan& p, float* ws, cudaStream_t st) {
 // fp32, or TF32 where the context's precision is tf32 (cuBLAS math mode); bf16 runs them in fp32.
 constexpr Index kChunkFloats = Index{32} << 20;
 // DIFFORMER_SIGMOID_CHUNK_KEYS=B forces the chunk (tests use it to cross chunk boundaries).
+// B is a multiple of 32 (unless it is all n keys) and every chunk, the ragged last one too, is
+// stored with row stride B: cuBLAS drops to much slower kernels on rows that are not 16-byte
+// aligned (n = 3e4, d = 64: 1118 keys, unaligned, 163 ms per training step; 2048, 72 ms).
 Index chunk_keys(Index n) {
-  if (const char* e = std::getenv("DIFFORMER_SIGMOID_CHUNK_KEYS"); e != nullptr && std::atoll(e) > 0)
-    return std::min<Index>(n, std::atoll(e));
-  return std::min<Index>(n, std::max<Index>(512, kChunkFloats / std::max<Index>(n, 1)));
+  Index b = std::max<Index>(512, kChunkFloats / std::max<Index>(n, 1));
+  if (const char* e = std::getenv("DIFFORMER_SIGMOID_CHUNK_KEYS"); e != nullptr && std::atoll(e) > 0) b = std::atoll(e);
+  if (b >= n) return n;
+  return std::max<Index>(32, b / 32 * 32);
 }
 
 // w = sigmoid(s) in place over an [n, b] chunk; r[i * ldr] = (first ? 0 : r) + sum_j w_ij unless r is
 // null. A warp per row.
-__global__ void chunk_sigmoid_rowsum(float* s, Index n, Index b, float* r, Index ldr, bool first) {
+__global__ void chunk_sigmoid_rowsum(float* s, Index lds, Index n, Index b, float* r, Index ldr, bool first) {
   const int lane = threadIdx.x & 31;
   const Index nwarps = (static_cast<Index>(gridDim.x) * blockDim.x) >> 5;
   for (Index i = (blockIdx.x * static_cast<Index>(blockDim.x) + threadIdx.x) >> 5; i < n; i += nwarps) {
-    float* row = s + i * b;
+    float* row = s + i * lds;
     float acc = 0.0f;
     for (Index j = lane; j < b; j += 32) {
       const float w = sigm(row[j]);
@@ -730,14 +734,14 @@ __global__ void chunk_normalise(float* o, Index ldo, Index n, Index d, const flo
 }
 
 // in: w (sigmoid scores) and dP of an [n, b] chunk; out: w / r_i and dS = w (1 - w) (dP - delta_i) / r_i
-__global__ void chunk_sigmoid_grad(float* w_to_p, float* dp_to_ds, Index n, Index b, const float* r,
+__global__ void chunk_sigmoid_grad(float* w_to_p, float* dp_to_ds, Index lds, Index n, Index b, const float* r,
                                    const float* delta, Index ldr) {
   const int lane = threadIdx.x & 31;
   const Index nwarps = (static_cast<Index>(gridDim.x) * blockDim.x) >> 5;
   for (Index i = (blockIdx.x * static_cast<Index>(blockDim.x) + threadIdx.x) >> 5; i < n; i += nwarps) {
     const float ri = 1.0f / r[i * ldr], dl = delta[i * ldr];
-    float* wr = w_to_p + i * b;
-    float* dr = dp_to_ds + i * b;
+    float* wr = w_to_p + i * lds;
+    float* dr = dp_to_ds + i * lds;
     for (Index j = lane; j < b; j += 32) {
       const float w = wr[j];
       dr[j] = w * (1.0f - w) * (dr[j] - dl) * ri;
@@ -759,10 +763,10 @@ void chunked_fwd(GpuContext& ctx, const AttnDims& dm, const float* q, const floa
     float* ah = a + h * d;
     for (Index j0 = 0; j0 < n; j0 += bk) {
       const Index b = std::min(bk, n - j0);
-      gemm(ctx, false, true, n, b, d, 1.0f, qh, ldq, kh + j0 * ldq, ldq, 0.0f, sbuf, b);
-      chunk_sigmoid_rowsum<<<rows_grid, 256, 0, ctx.stream()>>>(sbuf, n, b, rowsum + h, dm.heads, j0 == 0);
+      gemm(ctx, false, true, n, b, d, 1.0f, qh, ldq, kh + j0 * ldq, ldq, 0.0f, sbuf, bk);
+      chunk_sigmoid_rowsum<<<rows_grid, 256, 0, ctx.stream()>>>(sbuf, bk, n, b, rowsum + h, dm.heads, j0 == 0);
       DFM_CUDA_LAUNCH_CHECK();
-      gemm(ctx, false, false, n, d, b, 1.0f, sbuf, b, vh + j0 * ldv, ldv, j0 == 0 ? 0.0f : 1.0f, ah, lda);
+      gemm(ctx, false, false, n, d, b, 1.0f, sbuf, bk, vh + j0 * ldv, ldv, j0 == 0 ? 0.0f : 1.0f, ah, lda);
     }
     chunk_normalise<<<blocks_for(n * d, 256, 16 * ctx.sms()), 256, 0, ctx.stream()>>>(ah, lda, n, d, rowsum + h,
                                                                                         dm.heads);
@@ -793,15 +797,15 @@ void chunked_bwd(GpuContext& ctx, const AttnDims& dm, const float* q, const floa
     DFM_CUDA_LAUNCH_CHECK();
     for (Index j0 = 0; j0 < n; j0 += bk) {
       const Index b = std::min(bk, n - j0);
-      gemm(ctx, false, true, n, b, d, 1.0f, qh, ldq, kh + j0 * ldq, ldq, 0.0f, wbuf, b);
-      chunk_sigmoid_rowsum<<<rows_grid, 256, 0, ctx.stream()>>>(wbuf, n, b, nullptr, 0, true);
+      gemm(ctx, false, true, n, b, d, 1.0f, qh, ldq, kh + j0 * ldq, ldq, 0.0f, wbuf, bk);
+      chunk_sigmoid_rowsum<<<rows_grid, 256, 0, ctx.stream()>>>(wbuf, bk, n, b, nullptr, 0, true);
       DFM_CUDA_LAUNCH_CHECK();
-      gemm(ctx, false, true, n, b, d, da_scale, dah, da_ld, vh + j0 * ldv, ldv, 0.0f, dbuf, b);
-      chunk_sigmoid_grad<<<rows_grid, 256, 0, ctx.stream()>>>(wbuf, dbuf, n, b, rowsum + h, delta + h, dm.heads);
+      gemm(ctx, false, true, n, b, d, da_scale, dah, da_ld, vh + j0 * ldv, ldv, 0.0f, dbuf, bk);
+      chunk_sigmoid_grad<<<rows_grid, 256, 0, ctx.stream()>>>(wbuf, dbuf, bk, n, b, rowsum + h, delta + h, dm.heads);
       DFM_CUDA_LAUNCH_CHECK();
-      gemm(ctx, true, false, b, d, n, da_scale, wbuf, b, dah, da_ld, beta_v, dvh + j0 * ldv, ldv);
-      gemm(ctx, true, false, b, d, n, 1.0f, dbuf, b, qh, ldq, 0.0f, dk + h * d + j0 * ldq, ldq);
-      gemm(ctx, false, false, n, d, b, 1.0f, dbuf, b, kh + j0 * ldq, ldq, j0 == 0 ? 0.0f : 1.0f, dq_tmp, d);
+      gemm(ctx, true, false, b, d, n, da_scale, wbuf, bk, dah, da_ld, beta_v, dvh + j0 * ldv, ldv);
+      gemm(ctx, true, false, b, d, n, 1.0f, dbuf, bk, qh, ldq, 0.0f, dk + h * d + j0 * ldq, ldq);
+      gemm(ctx, false, false, n, d, b, 1.0f, dbuf, bk, kh + j0 * ldq, ldq, j0 == 0 ? 0.0f : 1.0f, dq_tmp, d);
     }
     DFM_CUDA_CHECK(cudaMemcpy2DAsync(dq + h * d, ldq * sizeof(float), dq_tmp, d * sizeof(float), d * sizeof(float),
                                      n, cudaMemcpyDeviceToDevice, ctx.stream()));
@@ -840,10 +844,13 @@ SigArgs head_args(const AttnDims& dm, int h, const float* q, const float* k, con
 // above). Unset: simt for fp32 (exact: the 3xTF32 kernels lose accuracy with N, their tensor-core
 // accumulation being slightly biased, 2.9e-5 at N = 4099 against 1.2e-6), mma for tf32 and bf16.
 // Read at every call (a handful per training step).
-enum class Impl { mma, wmma, simt };
+// "chunked": the key-chunked cuBLAS path of the wide heads at any width (fp32 and tf32 GEMMs;
+// bf16 runs it in fp32).
+enum class Impl { mma, wmma, simt, chunked };
 Impl impl_for(AttnPrecision prec) {
   const char* e = std::getenv("DIFFORMER_SIGMOID_IMPL");
   const bool fp32 = prec == AttnPrecision::fp32;
+  if (e != nullptr && std::strcmp(e, "chunked") == 0) return Impl::chunked;
   if (e != nullptr && std::strcmp(e, "mma") == 0) return Impl::mma;
   if (e != nullptr && std::strcmp(e, "wmma") == 0) return Impl::wmma;
   if (e != nullptr && std::strcmp(e, "simt") == 0) return fp32 ? Impl::simt : Impl::mma;
@@ -932,13 +939,13 @@ void sigmoid_attn_fwd(GpuContext& ctx, const AttnDims& dm, const float* q, const
                       float* rowsum, AttnPrecision prec) {
   if (dm.n == 0) return;
   DFM_CHECK(dm.n < (Index{1} << 31) - kBO, "sigmoid attention: too many rows (", dm.n, ")");
-  if (dm.d > 64) {
+  const Impl impl = impl_for(prec);
+  if (dm.d > 64 || impl == Impl::chunked) {
     check_width(dm.d);
     chunked_fwd(ctx, dm, q, k, v, a, rowsum);
     return;
   }
   const int dp = padded_width(dm.d);
-  const Impl impl = impl_for(prec);
   bool aligned = dm.d % 4 == 0 && aligned16(q, dm.heads * dm.d) && aligned16(k, dm.heads * dm.d) &&
                  aligned16(v, dm.vheads * dm.d);
   const std::size_t wbytes = tc_work_bytes(impl, prec, dm, dp, aligned);
@@ -971,13 +978,13 @@ void sigmoid_attn_bwd(GpuContext& ctx, const AttnDims& dm, const float* q, const
                       float da_scale, float* dq, float* dk, float* dv, float dv_beta, float* delta,
                       AttnPrecision prec) {
   if (dm.n == 0) return;
-  if (dm.d > 64) {
+  const Impl impl = impl_for(prec);
+  if (dm.d > 64 || impl == Impl::chunked) {
     check_width(dm.d);
     chunked_bwd(ctx, dm, q, k, v, a, rowsum, da, da_ld, da_head_stride, da_scale, dq, dk, dv, dv_beta, delta);
     return;
   }
   const int dp = padded_width(dm.d);
-  const Impl impl = impl_for(prec);
   bool aligned = dm.d % 4 == 0 && aligned16(q, dm.heads * dm.d) && aligned16(k, dm.heads * dm.d) &&
                  aligned16(v, dm.vheads * dm.d) && aligned16(da, da_ld) && da_head_stride % 4 == 0;
   const std::size_t wbytes = tc_work_bytes(impl, prec, dm, dp, aligned);

@@ -83,7 +83,10 @@ class DeviceBuffer {
   void reset();
   // Copies on the context's stream; download waits for it.
   void upload(const T* host, std::size_t n);
-  void upload(const std::vector<T>& host) { upload(host.data(), host.size()); }
+  template <class Alloc>
+  void upload(const std::vector<T, Alloc>& host) {
+    upload(host.data(), host.size());
+  }
   void download(T* host, std::size_t n) const;
   std::vector<T> to_host() const {
     std::vector<T> h(n_);

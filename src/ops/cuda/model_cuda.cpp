@@ -159,7 +159,7 @@ struct Model::Impl {
     adam_state = DeviceBuffer<double>(ctx, 3);
     loss = DeviceBuffer<float>(ctx, 1);
     seed = DeviceBuffer<std::uint64_t>(ctx, 1);
-    params.upload(host.params.values.data(), host.params.values.size());  // zeros until upload_params
+    params.upload(host.params.values);  // zeros until upload_params
     reset_optimizer();
   }
 

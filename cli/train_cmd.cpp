@@ -134,6 +134,9 @@ int train_classification(const TrainFlags& f, const ModelFlags& mf) {
   std::vector<double> tests, ms;
   json runs = json::array();
   double best_val = -1.0;
+  // The last run's split row is read (and checked) before any training: a too-short split file
+  // fails at once, not after hours of runs.
+  if (!f.splits_file.empty()) load_split_file(f.splits_file, f.first_run + f.runs - 1, d.n);
   for (int r = f.first_run; r < f.first_run + f.runs; ++r) {
     const std::uint64_t seed = f.seed + static_cast<std::uint64_t>(r);
     Split split;

@@ -220,6 +220,9 @@ TEST_F(Cli, FirstRunGivesThatRunOfTheWholeProtocol) {
   std::string out;
   EXPECT_NE(run("train " + common + "--runs 1 --first-run 10", out), 0);
   EXPECT_NE(out.find("run 10"), std::string::npos) << out;  // the split file has 10 rows
+  EXPECT_NE(run("train " + common + "--runs 2 --first-run 9", out), 0);  // refused before run 9 trains
+  EXPECT_EQ(out.find("run 10/"), std::string::npos) << out;
+  EXPECT_NE(out.find("run 10 asked for"), std::string::npos) << out;
   expect_error("train " + common + "--first-run -1", "--first-run must be >= 0");
 }
 

@@ -144,12 +144,6 @@ TEST(SimpleFusedModel, SameLogitsAndGradientsAsPlainPath) {
   }
 }
 
-}  // namespace
-}  // namespace dfm
-
-namespace dfm {
-namespace {
-
 // Training must give the same bits wherever the heap places the parameter buffers: Eigen picks
 // where its packets start by the address of the data, so a parameter buffer at a different
 // 32-byte phase used to change the order of some sums, and after a few hundred epochs the

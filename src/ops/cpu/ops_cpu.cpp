@@ -103,16 +103,22 @@ inline float hsum8(v8f v) {
   return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]));
 }
 
+// acc[0..B) = sum_e adj(i, j_e) v.row(j_e)[0..8B), in registers.
 template <int B>
-inline void gather_block(const Csr& adj, Index i, const float* v, Index ldv, float* out, float alpha,
-                         bool accumulate) {
-  v8f acc[B];
+inline void gather_acc(const Csr& adj, Index i, const float* v, Index ldv, v8f (&acc)[B]) {
   for (int b = 0; b < B; ++b) acc[b] = v8f{};
   for (Index e = adj.indptr[i]; e < adj.indptr[i + 1]; ++e) {
     const v8f w = v8f{} + adj.values[e];
     const float* src = v + static_cast<Index>(adj.indices[e]) * ldv;
     for (int b = 0; b < B; ++b) acc[b] += w * load8(src + 8 * b);
   }
+}
+
+template <int B>
+inline void gather_block(const Csr& adj, Index i, const float* v, Index ldv, float* out, float alpha,
+                         bool accumulate) {
+  v8f acc[B];
+  gather_acc(adj, i, v, ldv, acc);
   const v8f a = v8f{} + alpha;
   if (accumulate)
     for (int b = 0; b < B; ++b) store8(out + 8 * b, load8(out + 8 * b) + a * acc[b]);
@@ -565,12 +571,7 @@ void mix_layernorm_dropout_rows(const MixInputs& m, const float* gamma, const fl
         // heads' sum is formed next to it.
         v8f zr[B];
         if (adj) {
-          for (int b = 0; b < B; ++b) zr[b] = v8f{};
-          for (Index e = adj->indptr[i]; e < adj->indptr[i + 1]; ++e) {
-            const v8f w = v8f{} + adj->values[e];
-            const float* src = psrc + static_cast<Index>(adj->indices[e]) * ldsrc;
-            for (int b = 0; b < B; ++b) zr[b] += w * load8(src + 8 * b);
-          }
+          gather_acc(*adj, i, psrc, ldsrc, zr);
         } else if (pg) {
           for (int b = 0; b < B; ++b) zr[b] = load8(pg + i * d + 8 * b);
         }

@@ -1706,6 +1706,15 @@ int main(int argc, char** argv) {
              p.s_kv, p.s_q, pf.s_kv, p8.s_fwd, p8.s_kv);
     }
   }
+  if (const char* e = getenv("SIG_PROFILE"); e != nullptr) {
+    // one forward + backward of the fused variant at each size, nothing else (for ncu)
+    for (long long N : sizes) {
+      Problem P((int)N, 64, 64, 0, 1, 1.0f, 0.0f, 99);
+      run_any(kFused, P, true, true, 0);
+      CUDA_CHECK(cudaDeviceSynchronize());
+    }
+    return 0;
+  }
   const std::vector<VCase> cases = {
       {1, 20, 20, 0, 1, 1.0f, 0.0f},       {77, 64, 64, 0, 1, 1.0f, 0.0f},     {301, 29, 87, 29, 3, 1.0f, 1.0f},
       {130, 16, 32, 16, 2, 0.25f, 0.0f},   {200, 40, 80, 40, 2, 0.25f, 1.0f},  {1000, 64, 64, 0, 1, 1.0f, 0.0f},

@@ -21,18 +21,16 @@
 // is a template DP in {16, 32, 64}: a smaller d is zero-padded (exact: zeros add nothing to Q.K
 // and the padded output columns are never written). Padded keys are masked to w = 0; padded
 // queries get 1/r = 0, which zeroes their contributions to dK and dV.
-// H200, d = 64, one head (dev/cuda/attn_sigmoid_v6.cu and .h200.log; ms, fwd / bwd):
-//   N = 1e4: 0.86 / 3.59 (previous 64 x 64 kernels: 1.81 / 6.94)
-//   N = 3e4: 7.51 / 31.6 (10.7 / 41.9): 30.7 TFLOP/s forward, 25.5 backward counted as 14 N^2 d
-//   N = 6e4: 29.9 / 126  (38.8 / 177)
-// Forward 46% of the 67 TFLOP/s fp32 peak, backward 27% on its 10 N^2 d FLOPs. No profiler run
-// says what bounds them: an 8 x 8 register-tile variant with a third fewer shared-memory loads per
-// FMA ran the forward 2x slower and the backward no faster (254 registers, 8 warps per SM; see
-// the scratchpad).
+// H200, d = 64, one head (dev/cuda/attn_sigmoid_v7.cu and .h200.log; ms, fwd / fused bwd):
+//   N = 1e4: 0.86 / 1.90   N = 3e4: 7.52 / 16.4   N = 6e4: 30.0 / 66.1
+// i.e. 30.7 TFLOP/s forward (46% of the 67 TFLOP/s fp32 peak) and 35 TFLOP/s backward on its
+// 10 N^2 d FLOPs. (v6, the backward fully unrolled: 31.5 ms at N = 3e4, stalled on instruction
+// fetch; see kUnrollBwd.) An 8 x 8 register-tile variant with a third fewer shared-memory loads
+// per FMA ran the forward 2x slower (254 registers; dev/cuda/attn_sigmoid_v6.cu).
 // These are the CUDA-core kernels: precision fp32 by default. tf32 and bf16 run the tensor-core
 // kernels of attn_sigmoid_tc.cuh (mma.sync, the scores in registers), and so does fp32 as 3xTF32
 // with DIFFORMER_SIGMOID_IMPL=mma; see cuda_ops.hpp and dev/cuda/attn_sigmoid_v5.cu.
-// Not yet: d > 64.
+// Heads wider than 64: the key-chunked cuBLAS path further down.
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -60,6 +58,13 @@ constexpr int kBO = 128;          // rows a block owns
 constexpr int kBS = 64;           // rows per streamed tile
 constexpr int kLP = kBS + 4;      // row stride of a score tile [kBO][kLP]
 constexpr double kSplitCapBytes = 160.0 * (1 << 20);  // most workspace a split may take
+// Unrolling of the outer (4-column / 4-key) loops of dot_tile and acc_px: 16 = fully at d = 64.
+// The backward kernels unroll by 4 only: fully unrolled, their code outgrew the instruction
+// cache and ncu found 59% of the dK/dV/dQ kernel's warp samples stalled on instruction fetch
+// (H200, N = 3e4: 31.5 ms; unrolled by 4, 16.4 ms; dev/cuda/attn_sigmoid_v7.cu and .h200.log).
+// The forward is fastest fully unrolled (7.5 ms against 7.7 by 4).
+constexpr int kUnrollFwd = 16;
+constexpr int kUnrollBwd = 4;
 
 __device__ __forceinline__ float sigm(float s) { return 1.0f / (1.0f + __expf(-s)); }
 
@@ -153,10 +158,10 @@ __device__ __forceinline__ void load_scalars(float* dst, const float* __restrict
 
 // acc[j][i] += A[j] . B[i] over DP columns; A: own rows ty + 16 j (pointer at row ty),
 // B: streamed rows tx + 16 i (pointer at row tx), both [rows][DP + 4]
-template <int DP>
+template <int DP, int UR>
 __device__ __forceinline__ void dot_tile(float (&acc)[8][4], const float* __restrict__ A, const float* __restrict__ B) {
   constexpr int LD = DP + 4;
-#pragma unroll
+#pragma unroll UR
   for (int c = 0; c < DP; c += 4) {
     float a[8][4], b[4][4];
 #pragma unroll
@@ -173,11 +178,11 @@ __device__ __forceinline__ void dot_tile(float (&acc)[8][4], const float* __rest
 }
 // o[j][cc] += sum_k P[j][k] X[k][cc] over kBS k; P: own rows ty + 16 j of a [kBO][kLP] tile
 // (pointer at row ty), X: [kBS][DP + 4] (pointer at column tx * CW)
-template <int DP>
+template <int DP, int UR>
 __device__ __forceinline__ void acc_px(float (&o)[8][DP / 16], const float* __restrict__ P,
                                        const float* __restrict__ X) {
   constexpr int LD = DP + 4, CW = DP / 16;
-#pragma unroll
+#pragma unroll UR
   for (int k = 0; k < kBS; k += 4) {
     float p[8][4], x[4][CW];
 #pragma unroll
@@ -243,7 +248,7 @@ __global__ void __launch_bounds__(kT, DP == 64 ? 1 : 2) fwd_kernel(const SigArgs
     }
     cp_commit();
     float s[8][4] = {};
-    dot_tile<DP>(s, Qs + ty * LD, Ks + tx * LD);
+    dot_tile<DP, kUnrollFwd>(s, Qs + ty * LD, Ks + tx * LD);
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
       const bool valid = t * kBS + tx + 16 * i < n;
@@ -255,7 +260,7 @@ __global__ void __launch_bounds__(kT, DP == 64 ? 1 : 2) fwd_kernel(const SigArgs
       }
     }
     __syncthreads();
-    acc_px<DP>(o, Ps + ty * kLP, Vs + tx * CW);
+    acc_px<DP, kUnrollFwd>(o, Ps + ty * kLP, Vs + tx * CW);
   }
   cp_wait_all();
   __syncthreads();  // done with P: reuse it for the row sums
@@ -371,8 +376,8 @@ __device__ __forceinline__ void dkv_body(const SigArgs& g) {
     cp_commit();
     {
       float s[8][4] = {}, dp[8][4] = {};  // [key ty + 16 j][query tx + 16 i]
-      dot_tile<DP>(s, Ks + ty * LD, Qs + tx * LD);
-      dot_tile<DP>(dp, Vs + ty * LD, As + tx * LD);
+      dot_tile<DP, kUnrollBwd>(s, Ks + ty * LD, Qs + tx * LD);
+      dot_tile<DP, kUnrollBwd>(dp, Vs + ty * LD, As + tx * LD);
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
         const int qi = tx + 16 * i;
@@ -386,8 +391,8 @@ __device__ __forceinline__ void dkv_body(const SigArgs& g) {
       }
     }
     __syncthreads();
-    acc_px<DP>(dv, Ps + ty * kLP, As + tx * CW);
-    acc_px<DP>(dk, Ts + ty * kLP, Qs + tx * CW);
+    acc_px<DP, kUnrollBwd>(dv, Ps + ty * kLP, As + tx * CW);
+    acc_px<DP, kUnrollBwd>(dk, Ts + ty * kLP, Qs + tx * CW);
     if constexpr (FUSED) {
       // dQ[q][c] += sum_j dS[j][q] K[j][c] for this tile's 64 queries: 4 queries x CW columns each
       const int qa = threadIdx.x & 15, ca = threadIdx.x >> 4;
@@ -534,8 +539,8 @@ __global__ void __launch_bounds__(kT, 1) dq_kernel(const SigArgs g) {
     cp_commit();
     {
       float s[8][4] = {}, dp[8][4] = {};  // [query ty + 16 j][key tx + 16 i]
-      dot_tile<DP>(s, Qs + ty * LD, Ks + tx * LD);
-      dot_tile<DP>(dp, As + ty * LD, Vs + tx * LD);
+      dot_tile<DP, kUnrollBwd>(s, Qs + ty * LD, Ks + tx * LD);
+      dot_tile<DP, kUnrollBwd>(dp, As + ty * LD, Vs + tx * LD);
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
         const bool valid = t * kBS + tx + 16 * i < n;
@@ -547,7 +552,7 @@ __global__ void __launch_bounds__(kT, 1) dq_kernel(const SigArgs g) {
       }
     }
     __syncthreads();
-    acc_px<DP>(acc, Ts + ty * kLP, Ks + tx * CW);
+    acc_px<DP, kUnrollBwd>(acc, Ts + ty * kLP, Ks + tx * CW);
   }
   cp_wait_all();
   __syncthreads();  // every thread's copies of Q are in before dQ (which may alias Q) is written

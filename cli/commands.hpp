@@ -9,7 +9,8 @@
 namespace dfm::cli {
 
 struct TrainFlags {
-  std::string save_path;  // --save: checkpoint of the best run (node classification)
+  std::string save_path;  // --save: checkpoint of the best run (its best-validation weights)
+  std::string init_path;  // --init: every run starts from these weights instead of a random init
   std::string data, split = "random", splits_file, json_out, device = "cpu", precision = "fp32";
   std::string preset, data_dir = "data", task = "auto", knn_metric = "euclidean";
   int first_run = 0;  // runs first_run .. first_run + runs - 1 (to split one protocol over processes)

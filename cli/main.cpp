@@ -33,6 +33,11 @@ int main(int argc, char** argv) {
   train->add_option("--epochs", tf.epochs, "epochs (one full-batch Adam step each; temporal: the most epochs)")
       ->capture_default_str();
   train->add_option("--save", tf.save_path, "save the best run's best-validation weights (checkpoint .npz)");
+  train->add_option("--init", tf.init_path,
+                    "start every run from these weights (a `train --save` checkpoint, or a PyTorch state_dict saved "
+                    "with numpy.savez under the official names) instead of the seeded random initialisation; the "
+                    "seed still draws splits and dropout")
+      ->check(CLI::ExistingFile);
   train->add_option("--runs", tf.runs, "independent runs; run r uses seed + r")->capture_default_str();
   train->add_option("--first-run", tf.first_run,
                     "run the runs first-run .. first-run + runs - 1 (seed + r, --splits row r): one protocol split over "

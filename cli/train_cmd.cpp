@@ -11,6 +11,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <limits>
 #include <numeric>
 
 #include "cli/commands.hpp"
@@ -69,6 +70,7 @@ json settings_json(const TrainFlags& f) {
               {"step_per_snapshot", f.step_per_snapshot},
               {"paper_mse_loss", f.paper_mse},
               {"eval_every", f.eval_every},
+              {"init", f.init_path},
               {"set_by_user", f.from_user},
               {"set_by_preset", f.from_preset},
               {"set_by_task_default", f.from_task_default}};
@@ -157,6 +159,7 @@ int train_classification(const TrainFlags& f, const ModelFlags& mf) {
     DIFFormer model(cfg);
     std::mt19937_64 rng(seed);
     model.init(rng);
+    if (!f.init_path.empty()) load_parameters(f.init_path, model);
     // The same initial weights, dropout masks and protocol on either device.
     auto backend = gpu ? make_cuda_backend(model, in, d.y, split, opt.adam, f.precision)
                        : make_cpu_backend(model, in, d.y, split, opt.adam);
@@ -272,12 +275,23 @@ int train_temporal_task(const TrainFlags& f, const ModelFlags& mf) {
   opt.paper_mse_loss = f.paper_mse;
   std::vector<double> mses, papers, ms;
   json runs = json::array();
+  double best_val = std::numeric_limits<double>::infinity();
   for (int r = f.first_run; r < f.first_run + f.runs; ++r) {
     const std::uint64_t seed = f.seed + static_cast<std::uint64_t>(r);
     DIFFormer model(cfg);
     std::mt19937_64 rng(seed);
     model.init(rng);
+    if (!f.init_path.empty()) load_parameters(f.init_path, model);
     const TemporalRunResult res = train_temporal(model, in, d.y, split, opt, seed);
+    const double crit = opt.paper_mse_loss ? res.val.paper_mse : res.val.mse;
+    if (!f.save_path.empty() && crit < best_val) {  // --save keeps the best run (its best-validation weights)
+      best_val = crit;
+      save_checkpoint(f.save_path, model, json{{"preprocess", "none"},
+                                               {"task", "temporal"},
+                                               {"data", f.data},
+                                               {"seed", seed},
+                                               {"best_epoch", res.best_epoch}});
+    }
     mses.push_back(res.test.mse);
     papers.push_back(res.test.paper_mse);
     ms.push_back(res.ms_per_epoch);

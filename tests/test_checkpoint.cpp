@@ -3,6 +3,7 @@
 
 #include <cstdio>
 #include <filesystem>
+#include <random>
 
 #include "core/error.hpp"
 #include "data/npz.hpp"
@@ -62,6 +63,46 @@ TEST(Checkpoint, MissingParameterIsNamed) {
   arrays["config_json"] = NpyArray::from_string(R"({"in_features": 4, "out_features": 2, "kernel": "bogus"})");
   write_npz(path, arrays);
   EXPECT_THROW(load_checkpoint(path), Error);
+  std::remove(path.c_str());
+}
+
+// train --init: load_parameters overwrites every parameter of an existing model (bitwise), and a
+// file of other settings is refused with the array and both shapes named.
+TEST(Checkpoint, LoadParametersOverwritesEveryParameterAndChecksShapes) {
+  ModelConfig cfg;
+  cfg.in_features = 5;
+  cfg.out_features = 3;
+  cfg.hidden = 8;
+  cfg.layers = 2;
+  DIFFormer saved(cfg), target(cfg);
+  std::mt19937_64 r1(1), r2(2);
+  saved.init(r1);
+  target.init(r2);
+  ASSERT_NE(saved.params.values, target.params.values);
+  const std::string path = (std::filesystem::temp_directory_path() / "dfm_ckpt_init.npz").string();
+  save_checkpoint(path, saved);
+  load_parameters(path, target);
+  EXPECT_EQ(target.params.values, saved.params.values);
+  ModelConfig wider = cfg;
+  wider.hidden = 16;
+  DIFFormer other(wider);
+  try {
+    load_parameters(path, other);
+    FAIL() << "expected an error";
+  } catch (const Error& e) {
+    const std::string m = e.what();
+    EXPECT_NE(m.find("convs.0.Wk.weight has shape 8 x 8, expected 16 x 16"), std::string::npos) << m;
+  }
+  ModelConfig deeper = cfg;
+  deeper.layers = 3;
+  DIFFormer more(deeper);
+  try {
+    load_parameters(path, more);
+    FAIL() << "expected an error";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("convs.2."), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("is missing"), std::string::npos) << e.what();
+  }
   std::remove(path.c_str());
 }
 

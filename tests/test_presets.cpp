@@ -226,6 +226,33 @@ TEST_F(Cli, FirstRunGivesThatRunOfTheWholeProtocol) {
   expect_error("train " + common + "--first-run -1", "--first-run must be >= 0");
 }
 
+// --init: every run starts from the file's weights. With lr 0 nothing moves, so runs of different
+// seeds (different random initialisations without --init) give the same scores, on a node task
+// and on a temporal one; a file of other settings is refused.
+TEST_F(Cli, InitStartsEveryRunFromTheCheckpoint) {
+  const std::string ck = (dir_ / "ck.npz").string();
+  const std::string node = "--data data/cora.npz --layers 2 --hidden 16 --dropout 0 --split public ";
+  std::string out;
+  ASSERT_EQ(run("train " + node + "--epochs 3 --runs 1 --seed 7 --quiet --save " + ck, out), 0) << out;
+  const json free = train_json(node + "--epochs 1 --runs 2 --lr 0");
+  EXPECT_NE(free["runs"][0]["test"], free["runs"][1]["test"]);  // the seeds' own initialisations differ
+  const json fixed = train_json(node + "--epochs 1 --runs 2 --lr 0 --init " + ck);
+  EXPECT_EQ(fixed["runs"][0]["val"], fixed["runs"][1]["val"]);
+  EXPECT_EQ(fixed["runs"][0]["test"], fixed["runs"][1]["test"]);
+  EXPECT_EQ(fixed["settings"]["init"], ck);
+  expect_error("train --data data/cora.npz --layers 3 --hidden 16 --epochs 1 --runs 1 --init " + ck, "is missing");
+  EXPECT_NE(run("train " + node + "--epochs 1 --init " + (dir_ / "none.npz").string(), out), 0);
+  EXPECT_NE(out.find("--init: File does not exist"), std::string::npos) << out;
+
+  const std::string cp = (dir_ / "cp.npz").string();
+  const std::string temporal = "--preset chickenpox-s --dropout 0 ";
+  ASSERT_EQ(run("train " + temporal + "--epochs 2 --runs 1 --quiet --save " + cp, out), 0) << out;
+  const json t = train_json(temporal + "--epochs 1 --runs 2 --lr 0 --init " + cp);
+  EXPECT_EQ(t["runs"][0]["test"], t["runs"][1]["test"]);
+  const json tf = train_json(temporal + "--epochs 1 --runs 2 --lr 0");
+  EXPECT_NE(tf["runs"][0]["test"], tf["runs"][1]["test"]);
+}
+
 TEST_F(Cli, InstanceTaskDetectedWithItsDefaultsAndSplitSizes) {
   const json j = train_json("--data data/digits.npz --per-class 10 --epochs 2 --runs 2");
   EXPECT_EQ(j["task"], "instance");  // no edge_index

@@ -1,5 +1,8 @@
 #include "io/checkpoint.hpp"
 
+#include <cmath>
+#include <string>
+
 #include "core/error.hpp"
 #include "data/npz.hpp"
 
@@ -58,6 +61,28 @@ void save_checkpoint(const std::string& path, const DIFFormer& model, const nloh
   write_npz(path, arrays);
 }
 
+namespace {
+// Every parameter of `model` from the arrays of z, by its official name, shape checked.
+void copy_parameters(const Npz& z, const std::string& path, DIFFormer& model) {
+  for (size_t s = 0; s < model.params.slots.size(); ++s) {
+    const ParamSlot& slot = model.params.slots[s];
+    const std::string what = path + ": " + slot.name;
+    DFM_CHECK(z.has(slot.name), what, " is missing (the model of these settings has it, shape ", slot.rows, " x ",
+              slot.cols, ")");
+    const NpyArray& a = z.at(slot.name);
+    const bool shape_ok = slot.cols == 1 ? (a.shape.size() == 1 && a.shape[0] == slot.rows) ||
+                                               (a.shape.size() == 2 && a.shape[0] == slot.rows && a.shape[1] == 1)
+                                         : a.shape.size() == 2 && a.shape[0] == slot.rows && a.shape[1] == slot.cols;
+    DFM_CHECK(shape_ok, what, " has shape ", a.shape.size() == 2 ? std::to_string(a.shape[0]) + " x " + std::to_string(a.shape[1])
+                                                                 : std::to_string(a.numel()) + " values",
+              ", expected ", slot.rows, " x ", slot.cols, " (a checkpoint of other settings?)");
+    const auto v = a.to_f32(what);
+    for (float x : v) DFM_CHECK(std::isfinite(x), what, " holds a non-finite value");
+    std::copy(v.begin(), v.end(), model.params.values.begin() + slot.offset);
+  }
+}
+}  // namespace
+
 std::unique_ptr<DIFFormer> load_checkpoint(const std::string& path, nlohmann::json* extra) {
   const Npz z = read_npz(path);
   nlohmann::json cfg_json;
@@ -67,16 +92,13 @@ std::unique_ptr<DIFFormer> load_checkpoint(const std::string& path, nlohmann::js
     fail(path, ": config_json is not valid JSON (", e.what(), ")");
   }
   auto model = std::make_unique<DIFFormer>(model_config_from_json(cfg_json));
-  for (size_t s = 0; s < model->params.slots.size(); ++s) {
-    const ParamSlot& slot = model->params.slots[s];
-    const NpyArray& a = z.at(slot.name);
-    const std::string what = path + ": " + slot.name;
-    DFM_CHECK(a.numel() == slot.size(), what, " has ", a.numel(), " values, expected ", slot.rows, " x ", slot.cols);
-    const auto v = a.to_f32(what);
-    std::copy(v.begin(), v.end(), model->params.values.begin() + slot.offset);
-  }
+  copy_parameters(z, path, *model);
   if (extra && z.has("meta_json")) *extra = nlohmann::json::parse(z.at("meta_json").to_string(path + ": meta_json"));
   return model;
+}
+
+void load_parameters(const std::string& path, DIFFormer& model) {
+  copy_parameters(read_npz(path), path, model);
 }
 
 }  // namespace dfm

@@ -15,6 +15,7 @@
 #include <numeric>
 
 #include "cli/commands.hpp"
+#include "cli/prepare.hpp"
 #include "core/context.hpp"
 #include "core/error.hpp"
 #include "core/memory.hpp"
@@ -87,25 +88,16 @@ int train_classification(const TrainFlags& f, const ModelFlags& mf) {
   Context ctx(f.seed, f.threads);
   Dataset d = load_node_dataset(f.data);
   // Only the citation protocol row-normalises (reference_targets.py); instance features stay raw.
-  if (!instance) row_normalise(d);
-  json knn_info;
-  if (f.knn > 0) {
-    if (d.graph_in_file && !f.quiet)
-      std::fprintf(stderr, "note: --knn %d replaces the edge_index of %s\n", f.knn, f.data.c_str());
-    KnnStats st;
-    const KnnLists lists = knn_search(d.x, f.knn, parse_knn_metric(f.knn_metric), &st);
-    knn_edges(lists, d.src, d.dst);
-    d.edge_weight.clear();
-    d.graph_in_file = true;
-    knn_info = json{{"k", f.knn}, {"metric", f.knn_metric}, {"seconds", st.seconds}, {"fallback_rows", st.fallback_rows}};
-    if (!f.quiet)
-      std::printf("kNN graph: k=%d %s, %.2f s (%lld rows needed the exact full scan)\n", f.knn, f.knn_metric.c_str(),
-                  st.seconds, (long long)st.fallback_rows);
-  }
-  // Undirected, self-loops removed, then one per node (to_undirected / remove_self_loops /
-  // add_self_loops of the official pipelines, for citation graphs and kNN graphs alike).
-  if (d.has_graph()) citation_graph(d);
-  choose_feature_layout(d);
+  Preparation prep;
+  prep.row_normalise = !instance;
+  prep.knn = f.knn;
+  prep.knn_metric = f.knn_metric;
+  if (f.knn > 0 && d.graph_in_file && !f.quiet)
+    std::fprintf(stderr, "note: --knn %d replaces the edge_index of %s\n", f.knn, f.data.c_str());
+  const json knn_info = prepare_classification_data(d, prep);
+  if (f.knn > 0 && !f.quiet)
+    std::printf("kNN graph: k=%d %s, %.2f s (%lld rows needed the exact full scan)\n", f.knn, f.knn_metric.c_str(),
+                knn_info["seconds"].get<double>(), (long long)knn_info["fallback_rows"].get<Index>());
   const ModelConfig cfg = mf.config(d.features, d.classes, d.has_graph());
   if (!mf.no_graph && !d.has_graph() && !instance)
     std::fprintf(stderr, "note: %s has no edge_index: training without the graph term\n", f.data.c_str());
@@ -169,10 +161,9 @@ int train_classification(const TrainFlags& f, const ModelFlags& mf) {
     if (!f.save_path.empty() && res.val > best_val) {  // --save keeps the best run's best epoch
       best_val = res.val;
       model.params.values = res.best_params;
-      save_checkpoint(f.save_path, model, json{{"preprocess", f.task == "node" ? "citation" : "none"},
-                                               {"data", f.data},
-                                               {"seed", seed},
-                                               {"best_epoch", res.best_epoch}});
+      json meta = preparation_meta(prep);
+      meta.update(json{{"task", f.task}, {"data", f.data}, {"seed", seed}, {"best_epoch", res.best_epoch}});
+      save_checkpoint(f.save_path, model, meta);
     }
     tests.push_back(100.0 * res.test);
     ms.push_back(res.ms_per_epoch);
@@ -237,18 +228,7 @@ int train_temporal_task(const TrainFlags& f, const ModelFlags& mf) {
   Context ctx(f.seed, threads);
   const TemporalSplit split = temporal_split(d);
   // Graphs as stored (no self-loops added, not symmetrised), or a kNN graph per snapshot.
-  SnapshotGraphs graphs;
-  if (f.knn > 0 && !mf.no_graph) {
-    graphs.dynamic = true;
-    const KnnMetric metric = parse_knn_metric(f.knn_metric);
-    std::vector<std::int64_t> src, dst;
-    for (Index t = 0; t < d.snapshots; ++t) {
-      knn_edges(knn_search(d.x[t], f.knn, metric), src, dst);
-      graphs.ops.push_back(make_graph_op<float>(d.nodes, src, dst));
-    }
-  } else {
-    graphs = snapshot_graphs(d);
-  }
+  const SnapshotGraphs graphs = temporal_graphs(d, mf.no_graph ? 0 : f.knn, f.knn_metric);
   const bool graph_available = !graphs.ops.empty();
   const ModelConfig cfg = mf.config(d.lags, 1, graph_available);
   if (!mf.no_graph && !graph_available)
@@ -286,11 +266,13 @@ int train_temporal_task(const TrainFlags& f, const ModelFlags& mf) {
     const double crit = opt.paper_mse_loss ? res.val.paper_mse : res.val.mse;
     if (!f.save_path.empty() && crit < best_val) {  // --save keeps the best run (its best-validation weights)
       best_val = crit;
-      save_checkpoint(f.save_path, model, json{{"preprocess", "none"},
-                                               {"task", "temporal"},
-                                               {"data", f.data},
-                                               {"seed", seed},
-                                               {"best_epoch", res.best_epoch}});
+      Preparation prep;
+      prep.row_normalise = false;
+      prep.knn = mf.no_graph ? 0 : f.knn;
+      prep.knn_metric = f.knn_metric;
+      json meta = preparation_meta(prep);
+      meta.update(json{{"task", "temporal"}, {"data", f.data}, {"seed", seed}, {"best_epoch", res.best_epoch}});
+      save_checkpoint(f.save_path, model, meta);
     }
     mses.push_back(res.test.mse);
     papers.push_back(res.test.paper_mse);

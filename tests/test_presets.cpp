@@ -253,6 +253,34 @@ TEST_F(Cli, InitStartsEveryRunFromTheCheckpoint) {
   EXPECT_NE(tf["runs"][0]["test"], tf["runs"][1]["test"]);
 }
 
+// eval rebuilds the inputs a checkpoint was trained on from its meta_json: a kNN graph replacing
+// the file's edge_index (node task), and temporal snapshots with their stored graphs; the scores
+// equal those of the training run's best epoch.
+TEST_F(Cli, EvalScoresACheckpointOnTheInputsItWasTrainedOn) {
+  const std::string ck = (dir_ / "knn.npz").string(), ej = (dir_ / "eval.json").string();
+  const json t = train_json("--data data/cora.npz --knn 3 --split public --layers 2 --hidden 16 --epochs 5 --runs 1 "
+                            "--save " + ck);
+  std::string out;
+  ASSERT_EQ(run("eval --model " + ck + " --data data/cora.npz --threads 1 --json " + ej, out), 0) << out;
+  std::ifstream fe(ej);
+  const json e = json::parse(fe);
+  EXPECT_NEAR(e["val"].get<double>(), t["runs"][0]["val"].get<double>(), 1e-9);
+  EXPECT_NEAR(e["test"].get<double>(), t["runs"][0]["test"].get<double>(), 1e-9);
+
+  const std::string cp = (dir_ / "cp.npz").string(), tj = (dir_ / "teval.json").string();
+  const json tt = train_json("--preset chickenpox-s --epochs 8 --runs 2 --save " + cp);
+  ASSERT_EQ(run("eval --model " + cp + " --data data/chickenpox.npz --threads 1 --json " + tj, out), 0) << out;
+  std::ifstream ft(tj);
+  const json te = json::parse(ft);
+  EXPECT_EQ(te["metric"], "mse");
+  const int best = tt["runs"][0]["val"].get<double>() <= tt["runs"][1]["val"].get<double>() ? 0 : 1;
+  EXPECT_NEAR(te["val"].get<double>(), tt["runs"][best]["val"].get<double>(), 1e-6);
+  EXPECT_NEAR(te["test"].get<double>(), tt["runs"][best]["test"].get<double>(), 1e-6);
+  EXPECT_NEAR(te["paper_mse"]["test"].get<double>(), tt["runs"][best]["test_paper_mse"].get<double>(), 1e-6);
+  expect_error("embed --model " + cp + " --data data/chickenpox.npz --out " + (dir_ / "h.npy").string(),
+               "is a temporal dataset");
+}
+
 TEST_F(Cli, InstanceTaskDetectedWithItsDefaultsAndSplitSizes) {
   const json j = train_json("--data data/digits.npz --per-class 10 --epochs 2 --runs 2");
   EXPECT_EQ(j["task"], "instance");  // no edge_index

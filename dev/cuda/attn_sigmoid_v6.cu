@@ -421,7 +421,24 @@ namespace v6 {
 constexpr int kT = 256;           // threads per block (16 x 16)
 constexpr int kBO = 128;          // rows a block owns
 constexpr int kBS = 64;           // rows per streamed tile
-constexpr int kLP = kBS + 4;      // row stride of a score tile [kBO][kLP]
+// Knobs (defaults = version 6 as measured in its log; attn_sigmoid_v7.cu sets other values):
+// unrolling of the outer column / key loops of dot_tile and acc_px in the forward (SIG_FWD_UR)
+// and the backward kernels (SIG_BWD_UR), of the fused dQ loop (SIG_DQ_UR), and the score tiles'
+// row padding (SIG_KLP_PAD).
+#ifndef SIG_FWD_UR
+#define SIG_FWD_UR 16
+#endif
+#ifndef SIG_BWD_UR
+#define SIG_BWD_UR 16
+#endif
+#ifndef SIG_DQ_UR
+#define SIG_DQ_UR 8
+#endif
+#ifndef SIG_KLP_PAD
+#define SIG_KLP_PAD 4
+#endif
+constexpr int kLP = kBS + SIG_KLP_PAD;  // row stride of a score tile [kBO][kLP]
+constexpr int kDqUnroll = SIG_DQ_UR;    // (a pragma does not expand macros)
 constexpr double kSplitCapBytes = 160.0 * (1 << 20);  // most workspace a split may take
 
 __device__ __forceinline__ float sigm(float s) { return 1.0f / (1.0f + __expf(-s)); }
@@ -538,10 +555,10 @@ __device__ __forceinline__ void load_scalars(float* dst, const float* __restrict
 
 // acc[j][i] += A[j] . B[i] over DP columns; A: own rows ty + 16 j (pointer at row ty),
 // B: streamed rows tx + 16 i (pointer at row tx), both [rows][DP + 4]
-template <int DP>
+template <int DP, int UR>
 __device__ __forceinline__ void dot_tile(float (&acc)[8][4], const float* __restrict__ A, const float* __restrict__ B) {
   constexpr int LD = DP + 4;
-#pragma unroll
+#pragma unroll UR
   for (int c = 0; c < DP; c += 4) {
     float a[8][4], b[4][4];
 #pragma unroll
@@ -558,11 +575,11 @@ __device__ __forceinline__ void dot_tile(float (&acc)[8][4], const float* __rest
 }
 // o[j][cc] += sum_k P[j][k] X[k][cc] over kBS k; P: own rows ty + 16 j of a [kBO][kLP] tile
 // (pointer at row ty), X: [kBS][DP + 4] (pointer at column tx * CW)
-template <int DP>
+template <int DP, int UR>
 __device__ __forceinline__ void acc_px(float (&o)[8][DP / 16], const float* __restrict__ P,
                                        const float* __restrict__ X) {
   constexpr int LD = DP + 4, CW = DP / 16;
-#pragma unroll
+#pragma unroll UR
   for (int k = 0; k < kBS; k += 4) {
     float p[8][4], x[4][CW];
 #pragma unroll
@@ -694,7 +711,7 @@ __global__ void __launch_bounds__(kT, DP == 64 ? 1 : 2) fwd_kernel(const Args g)
     }
     cp_commit();
     float s[8][4] = {};
-    dot_tile<DP>(s, Qs + ty * LD, Ks + tx * LD);
+    dot_tile<DP, SIG_FWD_UR>(s, Qs + ty * LD, Ks + tx * LD);
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
       const bool valid = t * kBS + tx + 16 * i < n;
@@ -706,7 +723,7 @@ __global__ void __launch_bounds__(kT, DP == 64 ? 1 : 2) fwd_kernel(const Args g)
       }
     }
     __syncthreads();
-    acc_px<DP>(o, Ps + ty * kLP, Vs + tx * CW);
+    acc_px<DP, SIG_FWD_UR>(o, Ps + ty * kLP, Vs + tx * CW);
   }
   cp_wait_all();
   __syncthreads();  // done with P: reuse it for the row sums
@@ -820,8 +837,8 @@ __device__ __forceinline__ void dkv_body(const Args& g) {
     cp_commit();
     {
       float s[8][4] = {}, dp[8][4] = {};  // [key ty + 16 j][query tx + 16 i]
-      dot_tile<DP>(s, Ks + ty * LD, Qs + tx * LD);
-      dot_tile<DP>(dp, Vs + ty * LD, As + tx * LD);
+      dot_tile<DP, SIG_BWD_UR>(s, Ks + ty * LD, Qs + tx * LD);
+      dot_tile<DP, SIG_BWD_UR>(dp, Vs + ty * LD, As + tx * LD);
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
         const int qi = tx + 16 * i;
@@ -835,13 +852,13 @@ __device__ __forceinline__ void dkv_body(const Args& g) {
       }
     }
     __syncthreads();
-    acc_px<DP>(dv, Ps + ty * kLP, As + tx * CW);
-    acc_px<DP>(dk, Ts + ty * kLP, Qs + tx * CW);
+    acc_px<DP, SIG_BWD_UR>(dv, Ps + ty * kLP, As + tx * CW);
+    acc_px<DP, SIG_BWD_UR>(dk, Ts + ty * kLP, Qs + tx * CW);
     if constexpr (FUSED) {
       // dQ[q][c] += sum_j dS[j][q] K[j][c] for this tile's 64 queries: 4 queries x CW columns each
       const int qa = threadIdx.x & 15, ca = threadIdx.x >> 4;
       float acc[4][CW] = {};
-#pragma unroll 8
+#pragma unroll kDqUnroll
       for (int j = 0; j < kBO; ++j) {
         float tq[4], kc[CW];
         ld4a(tq, Ts + j * kLP + qa * 4);
@@ -982,8 +999,8 @@ __global__ void __launch_bounds__(kT, 1) dq_kernel(const Args g) {
     cp_commit();
     {
       float s[8][4] = {}, dp[8][4] = {};  // [query ty + 16 j][key tx + 16 i]
-      dot_tile<DP>(s, Qs + ty * LD, Ks + tx * LD);
-      dot_tile<DP>(dp, As + ty * LD, Vs + tx * LD);
+      dot_tile<DP, SIG_BWD_UR>(s, Qs + ty * LD, Ks + tx * LD);
+      dot_tile<DP, SIG_BWD_UR>(dp, As + ty * LD, Vs + tx * LD);
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
         const bool valid = t * kBS + tx + 16 * i < n;
@@ -995,7 +1012,7 @@ __global__ void __launch_bounds__(kT, 1) dq_kernel(const Args g) {
       }
     }
     __syncthreads();
-    acc_px<DP>(acc, Ts + ty * kLP, Ks + tx * CW);
+    acc_px<DP, SIG_BWD_UR>(acc, Ts + ty * kLP, Ks + tx * CW);
   }
   cp_wait_all();
   __syncthreads();  // every thread's copies of Q are in before dQ (which may alias Q) is written

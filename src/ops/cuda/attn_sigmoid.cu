@@ -696,7 +696,9 @@ void launch_bwd(SigArgs g, const Plan& p, float* ws, cudaStream_t st) {
 //             dV_c = P^T dA, dK_c = dS^T Q, dQ += dS K_c (cuBLAS)
 // Memory: one (forward) or two (backward) [n, B] buffers, B chosen so that each stays under
 // kChunkFloats floats (n B <= 32M: 128 MB), plus an [n, d] dQ buffer (dq may alias q). GEMMs in
-// fp32, or TF32 where the context's precision is tf32 (cuBLAS math mode); bf16 runs them in fp32.
+// the context's precision (its cuBLAS math mode), not the call's: fp32 for --precision fp32, TF32
+// for --precision tf32 and bf16 (the CLI's context is TF32 for both). A direct call asking tf32 of
+// an fp32 context gets fp32 GEMMs here.
 constexpr Index kChunkFloats = Index{32} << 20;
 // DIFFORMER_SIGMOID_CHUNK_KEYS=B forces the chunk (tests use it to cross chunk boundaries).
 // B is a multiple of 32 (unless it is all n keys) and every chunk, the ragged last one too, is

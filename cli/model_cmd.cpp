@@ -61,7 +61,7 @@ int run_eval_temporal(const ModelUseFlags& f) {
             " expects ", cfg.in_features);
   DFM_CHECK(cfg.out_features == 1, f.model, ": a temporal model has one output, this one has ", cfg.out_features);
   const Preparation prep = preparation_from_meta(meta);
-  const SnapshotGraphs graphs = temporal_graphs(d, prep.knn, prep.knn_metric);
+  const SnapshotGraphs graphs = temporal_graphs(d, prep);
   DFM_CHECK(!cfg.use_graph || !graphs.ops.empty(), f.data,
             ": the model uses the graph term but the file has no edge_index");
   std::vector<ModelInput> in(static_cast<size_t>(d.snapshots));

@@ -35,14 +35,14 @@ nlohmann::json prepare_classification_data(Dataset& d, const Preparation& p) {
   return info;
 }
 
-SnapshotGraphs temporal_graphs(const TemporalDataset& d, int knn, const std::string& knn_metric) {
-  if (knn <= 0) return snapshot_graphs(d);
+SnapshotGraphs temporal_graphs(const TemporalDataset& d, const Preparation& p) {
+  if (p.knn <= 0) return snapshot_graphs(d);
   SnapshotGraphs graphs;
   graphs.dynamic = true;
-  const KnnMetric metric = parse_knn_metric(knn_metric);
+  const KnnMetric metric = parse_knn_metric(p.knn_metric);
   std::vector<std::int64_t> src, dst;
   for (Index t = 0; t < d.snapshots; ++t) {
-    knn_edges(knn_search(d.x[t], knn, metric), src, dst);
+    knn_edges(knn_search(d.x[t], p.knn, metric), src, dst);
     graphs.ops.push_back(make_graph_op<float>(d.nodes, src, dst));
   }
   return graphs;

@@ -26,7 +26,7 @@ Preparation preparation_from_meta(const nlohmann::json& meta);
 nlohmann::json prepare_classification_data(Dataset& d, const Preparation& p);
 
 // Temporal data: each snapshot's stored graph (no self-loops added, not symmetrised), or with
-// knn > 0 a kNN graph per snapshot.
-SnapshotGraphs temporal_graphs(const TemporalDataset& d, int knn, const std::string& knn_metric);
+// p.knn > 0 a kNN graph per snapshot (p.row_normalise does not apply to snapshots).
+SnapshotGraphs temporal_graphs(const TemporalDataset& d, const Preparation& p);
 
 }  // namespace dfm::cli

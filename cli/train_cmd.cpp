@@ -13,6 +13,7 @@
 #include <cstdio>
 #include <limits>
 #include <numeric>
+#include <random>
 
 #include "cli/commands.hpp"
 #include "cli/prepare.hpp"
@@ -83,6 +84,23 @@ void print_notes(const TrainFlags& f) {
 
 // ---------------------------------------------------------------------------------------------
 // node and instance classification
+// --init: the file's weights, read and checked once before the runs (empty without --init).
+FloatBuffer init_file_weights(const TrainFlags& f, const ModelConfig& cfg) {
+  if (f.init_path.empty()) return {};
+  DIFFormer model(cfg);
+  load_parameters(f.init_path, model);
+  return model.params.values;
+}
+// A run's starting weights: the --init file's, else the seeded PyTorch-default initialisation.
+void start_weights(DIFFormer& model, std::uint64_t seed, const FloatBuffer& from_file) {
+  if (!from_file.empty()) {
+    model.params.values = from_file;
+    return;
+  }
+  std::mt19937_64 rng(seed);
+  model.init(rng);
+}
+
 int train_classification(const TrainFlags& f, const ModelFlags& mf) {
   const bool instance = f.task == "instance";
   Context ctx(f.seed, f.threads);
@@ -125,6 +143,7 @@ int train_classification(const TrainFlags& f, const ModelFlags& mf) {
   opt.eval_every = f.eval_every;
   const bool gpu = f.device == "cuda";
   std::int64_t peak_device = 0;
+  const FloatBuffer init_weights = init_file_weights(f, cfg);
   std::vector<double> tests, ms;
   json runs = json::array();
   double best_val = -1.0;
@@ -149,9 +168,7 @@ int train_classification(const TrainFlags& f, const ModelFlags& mf) {
       split_name = "random (seed " + std::to_string(split_seed) + ")";
     }
     DIFFormer model(cfg);
-    std::mt19937_64 rng(seed);
-    model.init(rng);
-    if (!f.init_path.empty()) load_parameters(f.init_path, model);
+    start_weights(model, seed, init_weights);
     // The same initial weights, dropout masks and protocol on either device.
     auto backend = gpu ? make_cuda_backend(model, in, d.y, split, opt.adam, f.precision)
                        : make_cpu_backend(model, in, d.y, split, opt.adam);
@@ -227,8 +244,13 @@ int train_temporal_task(const TrainFlags& f, const ModelFlags& mf) {
   const int threads = f.threads == 0 && d.nodes < kParallelNodes ? 1 : f.threads;
   Context ctx(f.seed, threads);
   const TemporalSplit split = temporal_split(d);
-  // Graphs as stored (no self-loops added, not symmetrised), or a kNN graph per snapshot.
-  const SnapshotGraphs graphs = temporal_graphs(d, mf.no_graph ? 0 : f.knn, f.knn_metric);
+  // Graphs as stored (no self-loops added, not symmetrised), or a kNN graph per snapshot; --save
+  // records this preparation for eval.
+  Preparation prep;
+  prep.row_normalise = false;
+  prep.knn = mf.no_graph ? 0 : f.knn;
+  prep.knn_metric = f.knn_metric;
+  const SnapshotGraphs graphs = temporal_graphs(d, prep);
   const bool graph_available = !graphs.ops.empty();
   const ModelConfig cfg = mf.config(d.lags, 1, graph_available);
   if (!mf.no_graph && !graph_available)
@@ -256,20 +278,15 @@ int train_temporal_task(const TrainFlags& f, const ModelFlags& mf) {
   std::vector<double> mses, papers, ms;
   json runs = json::array();
   double best_val = std::numeric_limits<double>::infinity();
+  const FloatBuffer init_weights = init_file_weights(f, cfg);
   for (int r = f.first_run; r < f.first_run + f.runs; ++r) {
     const std::uint64_t seed = f.seed + static_cast<std::uint64_t>(r);
     DIFFormer model(cfg);
-    std::mt19937_64 rng(seed);
-    model.init(rng);
-    if (!f.init_path.empty()) load_parameters(f.init_path, model);
+    start_weights(model, seed, init_weights);
     const TemporalRunResult res = train_temporal(model, in, d.y, split, opt, seed);
     const double crit = opt.paper_mse_loss ? res.val.paper_mse : res.val.mse;
     if (!f.save_path.empty() && crit < best_val) {  // --save keeps the best run (its best-validation weights)
       best_val = crit;
-      Preparation prep;
-      prep.row_normalise = false;
-      prep.knn = mf.no_graph ? 0 : f.knn;
-      prep.knn_metric = f.knn_metric;
       json meta = preparation_meta(prep);
       meta.update(json{{"task", "temporal"}, {"data", f.data}, {"seed", seed}, {"best_epoch", res.best_epoch}});
       save_checkpoint(f.save_path, model, meta);

@@ -13,6 +13,7 @@
 
 #include "core/error.hpp"
 #include "data/npz.hpp"
+#include "test_util.hpp"
 
 namespace fs = std::filesystem;
 using namespace dfm;
@@ -37,17 +38,7 @@ class NpzTest : public ::testing::Test {
   fs::path dir;
 };
 
-// Runs fn, expects a dfm::Error whose message contains every one of `parts`.
-void expect_error(const std::function<void()>& fn, const std::vector<std::string>& parts) {
-  try {
-    fn();
-    ADD_FAILURE() << "no dfm::Error thrown; expected one containing '" << parts.front() << "'";
-  } catch (const Error& e) {
-    std::string msg = e.what();
-    for (const auto& p : parts)
-      EXPECT_NE(msg.find(p), std::string::npos) << "message: " << msg << "\nlacks: " << p;
-  }
-}
+using test::expect_error;
 
 // A hand-made .npy image: magic, version, header length, the given header text, payload.
 std::vector<std::uint8_t> make_npy(const std::string& header, const std::vector<std::uint8_t>& payload,

@@ -18,6 +18,7 @@
 #include "core/error.hpp"
 #include "data/npz.hpp"
 #include "data/ogb.hpp"
+#include "test_util.hpp"
 
 namespace fs = std::filesystem;
 using namespace dfm;
@@ -45,15 +46,7 @@ class OgbTest : public ::testing::Test {
   fs::path dir;
 };
 
-void expect_error(const std::function<void()>& fn, const std::vector<std::string>& parts) {
-  try {
-    fn();
-    ADD_FAILURE() << "no dfm::Error thrown";
-  } catch (const Error& e) {
-    const std::string msg = e.what();
-    for (const auto& p : parts) EXPECT_NE(msg.find(p), std::string::npos) << "message: " << msg << "\nlacks: " << p;
-  }
-}
+using test::expect_error;
 
 std::vector<std::int32_t> row(const Csr& a, Index i) {
   return std::vector<std::int32_t>(a.indices.begin() + a.indptr[i], a.indices.begin() + a.indptr[i + 1]);

@@ -1,13 +1,29 @@
 // Shared helpers of the test suite.
 #pragma once
-#include <cmath>
-#include <string>
+#include <gtest/gtest.h>
 
+#include <cmath>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "core/error.hpp"
 #include "core/tensor.hpp"
 
 namespace dfm::test {
 
 inline std::string source_path(const std::string& rel) { return std::string(DIFFORMER_SOURCE_DIR) + "/" + rel; }
+
+// Runs fn, expects a dfm::Error whose message contains every one of `parts`.
+inline void expect_error(const std::function<void()>& fn, const std::vector<std::string>& parts) {
+  try {
+    fn();
+    ADD_FAILURE() << "no dfm::Error thrown; expected one containing '" << parts.front() << "'";
+  } catch (const Error& e) {
+    const std::string msg = e.what();
+    for (const auto& p : parts) EXPECT_NE(msg.find(p), std::string::npos) << "message: " << msg << "\nlacks: " << p;
+  }
+}
 
 // ||a - b|| / ||b|| in double; 0 when both are zero.
 template <typename A, typename B>

@@ -12,6 +12,7 @@
 #include "core/error.hpp"
 #include "core/profile.hpp"
 #include "ops/cpu/blas.hpp"
+#include "ops/cpu/skinny_gemm.hpp"
 #include "ops/ops.hpp"
 
 namespace dfm::cpu {
@@ -126,7 +127,7 @@ void simple_attn_fused_fwd(const Mat& h, const FoldedProjections& w, int heads, 
     for (Index r0 = lo; r0 < hi; r0 += kRows) {
       const Index m = std::min(kRows, hi - r0);
       y.resize(m, b.cols());
-      blas::gemm(h.middleRows(r0, m), false, b, false, y);
+      skinny::gemm_nn(h.middleRows(r0, m), b, y);
       for (Index i = 0; i < m; ++i) {
         for (int hh = 0; hh < heads; ++hh) {
           const float den = y(i, hd + hh) + c[hd + hh];
@@ -276,8 +277,8 @@ void simple_attn_fused_bwd(const Mat& h, const FoldedProjections& w, int heads, 
     const Index lo = n * th / threads, hi = n * (th + 1) / threads;
     if (hi > lo) {
       auto out = dh.middleRows(lo, hi - lo);
-      blas::gemm(x.middleRows(lo, hi - lo), false, p, false, out, 1.0f, accumulate ? 1.0f : 0.0f);
-      blas::gemm(h.middleRows(lo, hi - lo), false, z, false, out, 1.0f, 1.0f);
+      skinny::gemm_nn(x.middleRows(lo, hi - lo), p, out, accumulate);
+      skinny::gemm_nn(h.middleRows(lo, hi - lo), z, out, true);
       out.rowwise() += zb.transpose();
     }
   }

@@ -1,5 +1,7 @@
 #include "model/difformer.hpp"
 
+#include <omp.h>
+
 #include <cmath>
 
 #include "core/error.hpp"
@@ -115,8 +117,8 @@ void DIFFormer::init(std::mt19937_64& rng) {
   uniform(fc_out_w_, fc_out_b_, cfg_.hidden);
 }
 
-void DIFFormer::layer_forward(int l, const ModelInput& in, const Mat& h_in, bool training, std::uint64_t seed,
-                              LayerState* ls, Mat& h_out) {
+bool DIFFormer::layer_forward(int l, const ModelInput& in, const Mat& h_in, bool training, std::uint64_t seed,
+                              LayerState* ls, Mat& h_out, const cpu::RowSums* in_sums, cpu::RowSums* out_sums) {
   const LayerSlots& s = layer_slots_[l];
   const Index n = h_in.rows(), d = cfg_.hidden;
   const int heads = cfg_.heads, vheads = value_heads();
@@ -170,13 +172,16 @@ void DIFFormer::layer_forward(int l, const ModelInput& in, const Mat& h_in, bool
       const std::uint64_t lseed = mix_seed(seed, l + 1);
       const float *gamma = params.ptr(s.ln_g), *beta = params.ptr(s.ln_b);
       std::uint8_t* pk = keep ? keep->data() : nullptr;
+      if (out_sums) out_sums->start(d, omp_get_max_threads());
       const std::function<void(Index, Index)> tail = [&](Index lo, Index hi) {
         cpu::mix_layernorm_dropout_rows(m, gamma, beta, kLayerNormEps, p, lseed, pk, h_out, xhat, rstd, lo, hi);
+        if (out_sums) out_sums->add(omp_get_thread_num(), h_out, lo, hi);
       };
-      cpu::simple_attn_fused_fwd(h_in, folded_projections(l), heads, a, ls ? ls->fused : local, &tail);
-      return;
+      cpu::simple_attn_fused_fwd(h_in, folded_projections(l), heads, a, ls ? ls->fused : local, &tail, in_sums);
+      if (out_sums) out_sums->finish();
+      return out_sums != nullptr;
     }
-    cpu::simple_attn_fused_fwd(h_in, folded_projections(l), heads, a, ls ? ls->fused : local);
+    cpu::simple_attn_fused_fwd(h_in, folded_projections(l), heads, a, ls ? ls->fused : local, nullptr, in_sums);
   } else if (attention) {
     cpu::linear_fwd(h_in, params.mat(s.wq), params.ptr(s.bq), q);
     cpu::linear_fwd(h_in, params.mat(s.wk), params.ptr(s.bk), k);
@@ -253,7 +258,7 @@ void DIFFormer::layer_forward(int l, const ModelInput& in, const Mat& h_in, bool
                                    mix_seed(seed, l + 1), drop ? (ls ? &ls->keep : &local_keep) : nullptr, h_out,
                                    ls ? &ls->xhat : nullptr, ls ? &ls->rstd : nullptr);
     if (ls && !drop) ls->keep.clear();
-    return;
+    return false;
   }
   // z = alpha * (head mean of the attention and graph terms) + (1 - alpha) * h_in, in one pass.
   Mat& z = h_out;
@@ -273,6 +278,7 @@ void DIFFormer::layer_forward(int l, const ModelInput& in, const Mat& h_in, bool
   } else if (ls) {
     ls->keep.clear();
   }
+  return false;
 }
 
 void DIFFormer::forward(const ModelInput& in, bool training, std::uint64_t dropout_seed, ForwardState* state,
@@ -321,8 +327,13 @@ void DIFFormer::forward(const ModelInput& in, bool training, std::uint64_t dropo
   }
   t_in.stop();
   if (hidden) hidden->assign(1, h0);
+  cpu::RowSums sums[2];  // G and u of the next layer's input, when the layer's tail summed them
+  const cpu::RowSums* in_sums = nullptr;
   for (int l = 0; l < layers; ++l) {
-    layer_forward(l, in, h_at(l), training, dropout_seed, state ? &state->layers[l] : nullptr, h_at(l + 1));
+    cpu::RowSums* out_sums = l + 1 < layers ? &sums[(l + 1) % 2] : nullptr;
+    const bool summed = layer_forward(l, in, h_at(l), training, dropout_seed, state ? &state->layers[l] : nullptr,
+                                      h_at(l + 1), in_sums, out_sums);
+    in_sums = summed ? out_sums : nullptr;
     if (hidden) hidden->push_back(h_at(l + 1));
   }
   prof::Section t_out("fwd.output");

@@ -88,9 +88,12 @@ class DIFFormer {
   struct LayerSlots {
     int wk = -1, bk = -1, wq = -1, bq = -1, wv = -1, bv = -1, ln_g = -1, ln_b = -1;
   };
-  // h_in -> h_out for one layer; ls != nullptr keeps what backward needs.
-  void layer_forward(int l, const ModelInput& in, const Mat& h_in, bool training, std::uint64_t seed,
-                     LayerState* ls, Mat& h_out);
+  // h_in -> h_out for one layer; ls != nullptr keeps what backward needs. in_sums, when given,
+  // holds h_in's G and u; out_sums, when given, may be filled with h_out's (returns whether it was:
+  // the folded layer with the fused tail sums each block of h_out as it writes it).
+  bool layer_forward(int l, const ModelInput& in, const Mat& h_in, bool training, std::uint64_t seed,
+                     LayerState* ls, Mat& h_out, const cpu::RowSums* in_sums = nullptr,
+                     cpu::RowSums* out_sums = nullptr);
   void layer_backward(int l, const ModelInput& in, const Mat& h_in, LayerState& ls, Mat& dh_out, Mat& dh_in);
   int value_heads() const { return cfg_.use_weight ? cfg_.heads : 1; }
   // DIFFormer-s with the official global q/k norm takes the folded kernel, which never forms

@@ -207,10 +207,30 @@ struct SimpleFusedState {
   Vec u;            // [D]      h^T 1
   double sq = 0, sk = 0;  // ||Q||_F, ||K||_F
 };
+// G = h^T h and u = h^T 1 summed block by block: each thread adds its blocks of rows (in row
+// order) to its own partial, finish() sums the partials in thread order (deterministic for a given
+// thread count). The folded layer's tail adds each block of its output while it is in cache, so
+// the next layer does not read h again for them.
+class RowSums {
+ public:
+  void start(Index d, int threads);
+  void add(int thread, const Mat& h, Index lo, Index hi);  // rows [lo, hi) of h
+  void finish();
+  const Mat& gram() const { return gram_; }
+  const Vec& u() const { return u_; }
+
+ private:
+  std::vector<Mat> gram_part_;
+  std::vector<Vec> u_part_;
+  Mat gram_;
+  Vec u_;
+};
 // after_rows, when given, is called by the computing thread on each finished block of rows
 // [lo, hi) of a (and st.den), while they are in cache (the layer tail fuses in there).
+// sums_of_h, when given, holds h's G and u (finished), which are then not recomputed.
 void simple_attn_fused_fwd(const Mat& h, const FoldedProjections& w, int heads, Mat& a, SimpleFusedState& st,
-                           const std::function<void(Index, Index)>* after_rows = nullptr);
+                           const std::function<void(Index, Index)>* after_rows = nullptr,
+                           const RowSums* sums_of_h = nullptr);
 // dh is OVERWRITTEN with the attention's whole contribution (through Q, K and V); the parameter
 // gradients are accumulated.
 void simple_attn_fused_bwd(const Mat& h, const FoldedProjections& w, int heads, const Mat& a,

@@ -18,22 +18,6 @@
 namespace dfm::cpu {
 namespace {
 
-// a^T a over row chunks in parallel (OpenBLAS ssyrk per chunk; partials summed in thread order,
-// deterministic for a given thread count).
-Mat gram_rows(const Mat& a) {
-  const Index n = a.rows();
-  const int threads = omp_get_max_threads();
-  std::vector<Mat> part(threads, Mat::Zero(a.cols(), a.cols()));
-#pragma omp parallel num_threads(threads)
-  {
-    const int t = omp_get_thread_num();
-    const Index lo = n * t / threads, hi = n * (t + 1) / threads;
-    if (hi > lo) blas::gram(a.middleRows(lo, hi - lo), part[t]);
-  }
-  for (int t = 1; t < threads; ++t) part[0] += part[t];
-  return part[0];
-}
-
 // ||h W^T + 1 b^T||_F from wg = W G and u, in double.
 double projected_norm(const Mat& wg, const Vec& u, const ConstMatMap& w, const ConstVecMap& b, Index n) {
   // tr(W G W^T): the D x D product in float (Eigen's GEMM, done by the caller), the sum in double
@@ -63,16 +47,56 @@ struct Views {
 
 }  // namespace
 
+void RowSums::start(Index d, int threads) {
+  gram_part_.resize(threads);
+  u_part_.resize(threads);
+  for (int t = 0; t < threads; ++t) {
+    gram_part_[t].setZero(d, d);
+    u_part_[t].setZero(d);
+  }
+}
+
+void RowSums::add(int thread, const Mat& h, Index lo, Index hi) {
+  if (hi <= lo) return;
+  blas::gram(h.middleRows(lo, hi - lo), gram_part_[thread], 1.0f);  // OpenBLAS ssyrk, one thread
+  Vec& u = u_part_[thread];
+  for (Index i = lo; i < hi; ++i) u += h.row(i).transpose();  // by rows: a column sum strides over h
+}
+
+void RowSums::finish() {
+  gram_ = gram_part_[0];
+  u_ = u_part_[0];
+  for (size_t t = 1; t < gram_part_.size(); ++t) {
+    gram_ += gram_part_[t];
+    u_ += u_part_[t];
+  }
+}
+
 void simple_attn_fused_fwd(const Mat& h, const FoldedProjections& w, int heads, Mat& a, SimpleFusedState& st,
-                           const std::function<void(Index, Index)>* after_rows) {
+                           const std::function<void(Index, Index)>* after_rows, const RowSums* sums_of_h) {
   const Index n = h.rows(), d = h.cols(), hd = heads * d;
   const Views v(w, hd, d);
   const EigenSerialScope serial;
   prof::Section p_gram("fused_fwd.gram");
-  st.gram = gram_rows(h);
+  if (sums_of_h) {
+    st.gram = sums_of_h->gram();
+    st.u = sums_of_h->u();
+  } else {
+    RowSums sums;
+    const int threads = omp_get_max_threads();
+    sums.start(d, threads);
+#pragma omp parallel num_threads(threads)
+    {
+      const int t = omp_get_thread_num();
+      sums.add(t, h, n * t / threads, n * (t + 1) / threads);
+    }
+    sums.finish();
+    st.gram = sums.gram();
+    st.u = sums.u();
+  }
+  DFM_ASSERT(st.gram.rows() == d && st.u.size() == d);
   p_gram.stop();
   prof::Section p_small("fused_fwd.dxd");
-  st.u = h.colwise().sum().transpose();
   // W_q G and W_k G, one per thread: the norms need both, the K side is reused for K^T V below.
   Mat &wqg = st.wqg, &wkg = st.wkg;
 #pragma omp parallel sections num_threads(2) if (omp_get_max_threads() > 1)

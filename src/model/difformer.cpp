@@ -361,6 +361,37 @@ void DIFFormer::layer_backward(int l, const ModelInput& in, const Mat& h_in, Lay
   // keep_in * dz.
   const float keep_in = cfg_.use_residual ? 1.0f - cfg_.alpha : 0.0f, scale = cfg_.use_residual ? cfg_.alpha : 1.0f;
   Mat& d_o = scratch_o_;
+  const float wa = ca / heads;
+  if (cfg_.use_ln && attention && fused_simple() && heads == 1 && wa == 1.0f && !cfg_.use_weight) {
+    // One pass pair over the rows: each thread runs the tail's backward on its rows right before
+    // the attention reads them (da = d_o), and adds the graph term to its rows of dh_in right
+    // after the attention's row maps wrote them.
+    prof::Section t_attn("bwd.fused");
+    d_o.resize(n, d);
+    dh_in.resize(n, d);
+    const int threads = omp_get_max_threads();
+    std::vector<Vec> dg(threads, Vec::Zero(d)), db(threads, Vec::Zero(d));
+    const std::uint8_t* keep = ls.keep.empty() ? nullptr : ls.keep.data();
+    const float* gamma = params.ptr(s.ln_g);
+    const std::function<void(Index, Index)> tail = [&](Index lo, Index hi) {
+      const int t = omp_get_thread_num();
+      cpu::dropout_layernorm_mix_bwd_rows(keep, cfg_.dropout, ls.xhat, ls.rstd, gamma, dh_out, scale, keep_in, d_o,
+                                          dh_in, dg[t].data(), db[t].data(), lo, hi);
+    };
+    const std::function<void(Index, Index)> graph = [&](Index lo, Index hi) {
+      cpu::graph_prop_rows(in.graph->adj_t, d_o, dh_in, cg, true, lo, hi);
+    };
+    cpu::FoldedGrads grads{params.grad_ptr(s.wq), params.grad_ptr(s.bq), params.grad_ptr(s.wk),
+                           params.grad_ptr(s.bk), nullptr, nullptr};
+    cpu::simple_attn_fused_bwd(h_in, folded_projections(l), heads, ls.a, ls.fused, d_o, dh_in, grads, true, &tail,
+                               cfg_.use_graph ? &graph : nullptr);
+    VecMap dgamma(params.grad_ptr(s.ln_g), d), dbeta(params.grad_ptr(s.ln_b), d);
+    for (int t = 0; t < threads; ++t) {
+      dgamma += dg[t];
+      dbeta += db[t];
+    }
+    return;
+  }
   prof::Section t_tail("bwd.tail");
   if (cfg_.use_ln) {
     cpu::dropout_layernorm_mix_bwd(ls.keep.empty() ? nullptr : &ls.keep, cfg_.dropout, ls.xhat, ls.rstd,
@@ -380,7 +411,6 @@ void DIFFormer::layer_backward(int l, const ModelInput& in, const Mat& h_in, Lay
   if (attention && fused_simple()) {
     prof::Section t_attn("bwd.attn");
     // Folded path: Q, K, V never formed; the attention adds its whole dh contribution.
-    const float wa = ca / heads;
     const Mat* da = &d_o;
     if (heads != 1 || wa != 1.0f) {
       Mat& dab = scratch_a_;

@@ -148,6 +148,8 @@ void sigmoid_attn_bwd(const Mat& q, const Mat& k, const Mat& v, int heads, const
 
 // g = alpha * adj v (row-parallel gather), or g += alpha * adj v with accumulate (g already sized).
 void graph_prop(const Csr& adj, CMatRef v, Mat& g, float alpha = 1.0f, bool accumulate = false);
+// The same on rows [lo, hi) of g only, serially (to run inside a caller's parallel region); g sized.
+void graph_prop_rows(const Csr& adj, CMatRef v, Mat& g, float alpha, bool accumulate, Index lo, Index hi);
 
 // The row-wise tail of a diffusion layer in one pass over the rows:
 //   z = scale * (wa * sum_h a_h + cg * G) + keep_in * h_in,   y = LayerNorm(z) (gamma, beta),
@@ -181,6 +183,11 @@ void mix_layernorm_dropout_rows(const MixInputs& m, const float* gamma, const fl
 void dropout_layernorm_mix_bwd(const std::vector<std::uint8_t>* keep, float p, const Mat& xhat, const Vec& rstd,
                                const float* gamma, const Mat& dy, float scale, float keep_in, Mat& d_o, Mat& dh_in,
                                float* dgamma, float* dbeta);
+// The same on rows [lo, hi) only, serially: d_o and dh_in sized, keep flat (n*D bytes) or null,
+// dgamma and dbeta accumulated (the caller's per-thread partials).
+void dropout_layernorm_mix_bwd_rows(const std::uint8_t* keep, float p, const Mat& xhat, const Vec& rstd,
+                                    const float* gamma, const Mat& dy, float scale, float keep_in, Mat& d_o,
+                                    Mat& dh_in, float* dgamma, float* dbeta, Index lo, Index hi);
 // out = a^T b for tall a [N, p], b [N, q], split over threads by rows (Eigen's GEMM would only
 // split the small p x q output).
 void tn_product(CMatRef a, CMatRef b, Mat& out);
@@ -233,9 +240,14 @@ void simple_attn_fused_fwd(const Mat& h, const FoldedProjections& w, int heads, 
                            const RowSums* sums_of_h = nullptr);
 // dh is OVERWRITTEN with the attention's whole contribution (through Q, K and V); the parameter
 // gradients are accumulated.
+// before_rows, when given, is called by each thread on its rows [lo, hi) before it reads them from
+// da (the caller's layer tail writes them there, and dh's rows with accumulate); after_rows on the
+// same rows once their dh is complete (every row of da is final by then).
 void simple_attn_fused_bwd(const Mat& h, const FoldedProjections& w, int heads, const Mat& a,
                            const SimpleFusedState& st, const Mat& da, Mat& dh, const FoldedGrads& g,
-                           bool accumulate = false);  // accumulate: dh += (dh already sized)
+                           bool accumulate = false,  // accumulate: dh += (dh already sized)
+                           const std::function<void(Index, Index)>* before_rows = nullptr,
+                           const std::function<void(Index, Index)>* after_rows = nullptr);
 
 // Losses over the rows listed in idx (mean over them); dlogits is overwritten, zero outside idx.
 float cross_entropy(const Mat& logits, const std::vector<std::int64_t>& y, const std::vector<std::int64_t>& idx,

@@ -535,6 +535,12 @@ void graph_prop(const Csr& adj, CMatRef v, Mat& g, float alpha, bool accumulate)
   for (Index i = 0; i < adj.rows; ++i) gather_row(adj, i, pv, ldv, cols, pg + i * cols, alpha, accumulate);
 }
 
+void graph_prop_rows(const Csr& adj, CMatRef v, Mat& g, float alpha, bool accumulate, Index lo, Index hi) {
+  DFM_ASSERT(g.rows() == adj.rows && g.cols() == v.cols() && lo >= 0 && hi <= adj.rows);
+  for (Index i = lo; i < hi; ++i)
+    gather_row(adj, i, v.data(), v.outerStride(), v.cols(), g.data() + i * g.cols(), alpha, accumulate);
+}
+
 // ---- fused row passes of a diffusion layer ---------------------------------------------------
 void mix_layernorm_dropout_rows(const MixInputs& m, const float* gamma, const float* beta, float eps, float p,
                                 std::uint64_t seed, std::uint8_t* keep, Mat& y, Mat* xhat, Vec* rstd, Index lo,
@@ -673,64 +679,55 @@ void mix_layernorm_dropout_fwd(const MixInputs& m, const float* gamma, const flo
   }
 }
 
-void dropout_layernorm_mix_bwd(const std::vector<std::uint8_t>* keep, float p, const Mat& xhat, const Vec& rstd,
-                               const float* gamma, const Mat& dy, float scale, float keep_in, Mat& d_o, Mat& dh_in,
-                               float* dgamma, float* dbeta) {
-  const Index n = xhat.rows(), d = xhat.cols();
-  d_o.resize(n, d);
-  dh_in.resize(n, d);
+void dropout_layernorm_mix_bwd_rows(const std::uint8_t* keep, float p, const Mat& xhat, const Vec& rstd,
+                                    const float* gamma, const Mat& dy, float scale, float keep_in, Mat& d_o,
+                                    Mat& dh_in, float* dgamma, float* dbeta, Index lo, Index hi) {
+  const Index d = xhat.cols();
   const float dscale = p < 1.0f ? 1.0f / (1.0f - p) : 0.0f;
   const float fd = static_cast<float>(d);
-  const int threads = n * d > 16384 ? omp_get_max_threads() : 1;
-  std::vector<Vec> dg(threads, Vec::Zero(d)), dbt(threads, Vec::Zero(d));
-#pragma omp parallel num_threads(threads)
-  {
-    const int t = omp_get_thread_num();
-    std::vector<float> buf(static_cast<size_t>(2 * d));
-    float* g = buf.data();       // dy after dropout
-    float* gy = buf.data() + d;  // g * gamma
-    float* pdg = dg[t].data();
-    float* pdb = dbt[t].data();
-    if (d == 64) {  // the row in registers
-      constexpr int B = 8;
-      v8f dga[B], dba[B];
-      for (int b = 0; b < B; ++b) dga[b] = dba[b] = v8f{};
-#pragma omp for schedule(static)
-      for (Index i = 0; i < n; ++i) {
-        const float* dyi = dy.data() + i * d;
-        const float* xi = xhat.data() + i * d;
-        v8f gv[B], gyv[B], xv[B];
-        v8f sg = v8f{}, sgx = v8f{};
-        for (int b = 0; b < B; ++b) {
-          gv[b] = load8(dyi + 8 * b);
-          if (keep) gv[b] = load_keep8(keep->data() + i * d + 8 * b) ? gv[b] * dscale : v8f{};
-          xv[b] = load8(xi + 8 * b);
-          gyv[b] = gv[b] * load8(gamma + 8 * b);
-          sg += gyv[b];
-          sgx += gyv[b] * xv[b];
-          dga[b] += gv[b] * xv[b];
-          dba[b] += gv[b];
-        }
-        const float mean_g = hsum8(sg) / fd, mean_gx = hsum8(sgx) / fd, r = rstd[i];
-        float* oi = d_o.data() + i * d;
-        float* hi = dh_in.data() + i * d;
-        for (int b = 0; b < B; ++b) {
-          const v8f dz = r * (gyv[b] - mean_g - xv[b] * mean_gx);
-          store8(oi + 8 * b, scale * dz);
-          store8(hi + 8 * b, keep_in * dz);
-        }
-      }
+  std::vector<float> buf(static_cast<size_t>(2 * d));
+  float* g = buf.data();       // dy after dropout
+  float* gy = buf.data() + d;  // g * gamma
+  float* pdg = dgamma;
+  float* pdb = dbeta;
+  if (d == 64) {  // the row in registers
+    constexpr int B = 8;
+    v8f dga[B], dba[B];
+    for (int b = 0; b < B; ++b) dga[b] = dba[b] = v8f{};
+    for (Index i = lo; i < hi; ++i) {
+      const float* dyi = dy.data() + i * d;
+      const float* xi = xhat.data() + i * d;
+      v8f gv[B], gyv[B], xv[B];
+      v8f sg = v8f{}, sgx = v8f{};
       for (int b = 0; b < B; ++b) {
-        store8(pdg + 8 * b, load8(pdg + 8 * b) + dga[b]);
-        store8(pdb + 8 * b, load8(pdb + 8 * b) + dba[b]);
+        gv[b] = load8(dyi + 8 * b);
+        if (keep) gv[b] = load_keep8(keep + i * d + 8 * b) ? gv[b] * dscale : v8f{};
+        xv[b] = load8(xi + 8 * b);
+        gyv[b] = gv[b] * load8(gamma + 8 * b);
+        sg += gyv[b];
+        sgx += gyv[b] * xv[b];
+        dga[b] += gv[b] * xv[b];
+        dba[b] += gv[b];
       }
-    } else {
-#pragma omp for schedule(static)
-    for (Index i = 0; i < n; ++i) {
+      const float mean_g = hsum8(sg) / fd, mean_gx = hsum8(sgx) / fd, r = rstd[i];
+      float* oi = d_o.data() + i * d;
+      float* dhi = dh_in.data() + i * d;
+      for (int b = 0; b < B; ++b) {
+        const v8f dz = r * (gyv[b] - mean_g - xv[b] * mean_gx);
+        store8(oi + 8 * b, scale * dz);
+        store8(dhi + 8 * b, keep_in * dz);
+      }
+    }
+    for (int b = 0; b < B; ++b) {
+      store8(pdg + 8 * b, load8(pdg + 8 * b) + dga[b]);
+      store8(pdb + 8 * b, load8(pdb + 8 * b) + dba[b]);
+    }
+  } else {
+    for (Index i = lo; i < hi; ++i) {
       const float* dyi = dy.data() + i * d;
       const float* xi = xhat.data() + i * d;
       if (keep) {
-        const std::uint8_t* ki = keep->data() + i * d;
+        const std::uint8_t* ki = keep + i * d;
 #pragma omp simd
         for (Index c = 0; c < d; ++c) g[c] = ki[c] ? dyi[c] * dscale : 0.0f;
       } else {
@@ -748,15 +745,30 @@ void dropout_layernorm_mix_bwd(const std::vector<std::uint8_t>* keep, float p, c
       }
       const float mean_g = sg / fd, mean_gx = sgx / fd, r = rstd[i];
       float* oi = d_o.data() + i * d;
-      float* hi = dh_in.data() + i * d;
+      float* dhi = dh_in.data() + i * d;
 #pragma omp simd
       for (Index c = 0; c < d; ++c) {
         const float dz = r * (gy[c] - mean_g - xi[c] * mean_gx);
         oi[c] = scale * dz;
-        hi[c] = keep_in * dz;
+        dhi[c] = keep_in * dz;
       }
     }
-    }
+  }
+}
+
+void dropout_layernorm_mix_bwd(const std::vector<std::uint8_t>* keep, float p, const Mat& xhat, const Vec& rstd,
+                               const float* gamma, const Mat& dy, float scale, float keep_in, Mat& d_o, Mat& dh_in,
+                               float* dgamma, float* dbeta) {
+  const Index n = xhat.rows(), d = xhat.cols();
+  d_o.resize(n, d);
+  dh_in.resize(n, d);
+  const int threads = n * d > 16384 ? omp_get_max_threads() : 1;
+  std::vector<Vec> dg(threads, Vec::Zero(d)), dbt(threads, Vec::Zero(d));
+#pragma omp parallel num_threads(threads)
+  {
+    const int t = omp_get_thread_num();
+    dropout_layernorm_mix_bwd_rows(keep ? keep->data() : nullptr, p, xhat, rstd, gamma, dy, scale, keep_in, d_o, dh_in,
+                                   dg[t].data(), dbt[t].data(), n * t / threads, n * (t + 1) / threads);
   }
   VecMap dgm(dgamma, d), dbm(dbeta, d);
   for (int t = 0; t < threads; ++t) {

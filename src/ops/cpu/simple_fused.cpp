@@ -166,7 +166,8 @@ void simple_attn_fused_fwd(const Mat& h, const FoldedProjections& w, int heads, 
 
 void simple_attn_fused_bwd(const Mat& h, const FoldedProjections& w, int heads, const Mat& a,
                            const SimpleFusedState& st, const Mat& da, Mat& dh, const FoldedGrads& g,
-                           bool accumulate) {
+                           bool accumulate, const std::function<void(Index, Index)>* before_rows,
+                           const std::function<void(Index, Index)>* after_rows) {
   const Index n = h.rows(), d = h.cols(), hd = heads * d;
   const Views v(w, hd, d);
   const EigenSerialScope serial;
@@ -184,6 +185,7 @@ void simple_attn_fused_bwd(const Mat& h, const FoldedProjections& w, int heads, 
   {
     const int th = omp_get_thread_num();
     const Index lo = n * th / nth, hi = n * (th + 1) / nth;
+    if (before_rows && hi > lo) (*before_rows)(lo, hi);
     for (Index i = lo; i < hi; ++i)
       for (int hh = 0; hh < heads; ++hh) {
         const float den = st.den(i, hh);
@@ -304,6 +306,7 @@ void simple_attn_fused_bwd(const Mat& h, const FoldedProjections& w, int heads, 
       skinny::gemm_nn(x.middleRows(lo, hi - lo), p, out, accumulate);
       skinny::gemm_nn(h.middleRows(lo, hi - lo), z, out, true);
       out.rowwise() += zb.transpose();
+      if (after_rows) (*after_rows)(lo, hi);
     }
   }
 }

@@ -16,8 +16,13 @@ if [ -d .devdeps ]; then
   deps=(-DDIFFORMER_DEPS_DIR="$PWD/.devdeps" -DZLIB_INCLUDE_DIR="$PWD/.devdeps/include" -DZLIB_LIBRARY="$PWD/.devdeps/lib/libz.so")
   export LD_LIBRARY_PATH="$PWD/.devdeps/lib:${LD_LIBRARY_PATH:-}"
 fi
-cmake -S . -B build-dev -DCMAKE_BUILD_TYPE=Release -DDIFFORMER_TESTS=OFF "${deps[@]}" > "$OUT/cmake.log" 2>&1
-cmake --build build-dev -j"$(nproc)" --target difformer >> "$OUT/cmake.log" 2>&1 || { tail -30 "$OUT/cmake.log"; exit 1; }
+# DIFFORMER_BIN: a difformer binary built elsewhere (with its libraries on LD_LIBRARY_PATH), else build here
+if [ -n "${DIFFORMER_BIN:-}" ]; then
+  mkdir -p build-dev && cp "$DIFFORMER_BIN" build-dev/difformer
+else
+  cmake -S . -B build-dev -DCMAKE_BUILD_TYPE=Release -DDIFFORMER_TESTS=OFF "${deps[@]}" > "$OUT/cmake.log" 2>&1
+  cmake --build build-dev -j"$(nproc)" --target difformer >> "$OUT/cmake.log" 2>&1 || { tail -30 "$OUT/cmake.log"; exit 1; }
+fi
 # one split file per row so that runs can go in parallel (run r: split row r, seed r)
 "$PY" - <<'PYEOF'
 import numpy as np

@@ -171,27 +171,45 @@ void linear_bwd(CMatRef x, CMatRef w, CMatRef dy, Mat* dx, MatRef dw, float* db)
 
 void linear_sparse_fwd(const Csr& x, CMatRef w, const float* b, Mat& y) {
   DFM_ASSERT(x.cols == w.cols());
-  const Mat wt = w.transpose();  // [F, out]: one contiguous row per input feature
-  const Index out = w.rows();
+  const Index out = w.rows(), f = w.cols();
+  Mat wt(f, out);  // [F, out]: one contiguous row per input feature
   y.resize(x.rows, out);
-#pragma omp parallel for schedule(dynamic, 256)
-  for (Index i = 0; i < x.rows; ++i) {
-    float* row = y.data() + i * out;
-    gather_row(x, i, wt.data(), out, out, row, 1.0f, false);
-    if (b)
-      for (Index c = 0; c < out; ++c) row[c] += b[c];
+#pragma omp parallel
+  {
+    // the transpose by blocks of features, each thread its own (a plain Eigen transpose is serial)
+#pragma omp for schedule(static)
+    for (Index f0 = 0; f0 < f; f0 += 64) {
+      const Index fb = std::min<Index>(64, f - f0);
+      wt.middleRows(f0, fb) = w.middleCols(f0, fb).transpose();
+    }
+#pragma omp for schedule(dynamic, 256)
+    for (Index i = 0; i < x.rows; ++i) {
+      float* row = y.data() + i * out;
+      gather_row(x, i, wt.data(), out, out, row, 1.0f, false);
+      if (b)
+        for (Index c = 0; c < out; ++c) row[c] += b[c];
+    }
   }
 }
 
 void linear_sparse_bwd(const Csr& x_t, CMatRef dy, MatRef dw, float* db) {
   DFM_ASSERT(x_t.cols == dy.rows());
-  const Index out = dy.cols();
-  Mat dwt(x_t.rows, out);  // dW^T, one row per feature: a gather over the nodes holding it
-  const Mat dyc = dy;      // contiguous rows
-#pragma omp parallel for schedule(dynamic, 64)
-  for (Index f = 0; f < x_t.rows; ++f) gather_row(x_t, f, dyc.data(), out, out, dwt.data() + f * out, 1.0f, false);
-  dw += dwt.transpose();
-  if (db) VecMap(db, out) += dy.colwise().sum().transpose();
+  const Index out = dy.cols(), f = x_t.rows;
+  Mat dwt(f, out);  // dW^T, one row per feature: a gather over the nodes holding it
+#pragma omp parallel
+  {
+#pragma omp for schedule(dynamic, 64)
+    for (Index r = 0; r < f; ++r) gather_row(x_t, r, dy.data(), dy.outerStride(), out, dwt.data() + r * out, 1.0f, false);
+#pragma omp for schedule(static)
+    for (Index f0 = 0; f0 < f; f0 += 64) {
+      const Index fb = std::min<Index>(64, f - f0);
+      dw.middleCols(f0, fb) += dwt.middleRows(f0, fb).transpose();
+    }
+  }
+  if (db) {  // by rows: a column sum of row-major dy would stride over it
+    VecMap bias_grad(db, out);
+    for (Index i = 0; i < dy.rows(); ++i) bias_grad += dy.row(i).transpose();
+  }
 }
 
 void layernorm_fwd(CMatRef x, const float* gamma, const float* beta, float eps, Mat& y, Mat& xhat, Vec& rstd) {

@@ -81,8 +81,6 @@ inline void by_rows(Index rows, F&& block) {  // blocks of kTileRows, then one o
 
 }  // namespace
 
-bool available() { return true; }
-
 void gemm_nn(Index m, Index n, Index k, const float* a, Index lda, const float* b, Index ldb, float* c, Index ldc,
              bool accumulate) {
   if (m == 0 || n == 0) return;
@@ -108,8 +106,6 @@ void gemm_nn(Index m, Index n, Index k, const float* a, Index lda, const float* 
 }
 
 #else  // no AVX2 + FMA: OpenBLAS
-
-bool available() { return false; }
 
 void gemm_nn(Index m, Index n, Index k, const float* a, Index lda, const float* b, Index ldb, float* c, Index ldc,
              bool accumulate) {

@@ -17,9 +17,6 @@
 
 namespace dfm::cpu::skinny {
 
-// True when the register-blocked kernels are compiled in (AVX2 + FMA).
-bool available();
-
 // c[m x n] = a[m x k] b[k x n] (+ c when accumulate), all row-major with the given row strides.
 void gemm_nn(Index m, Index n, Index k, const float* a, Index lda, const float* b, Index ldb, float* c, Index ldc,
              bool accumulate);

@@ -45,6 +45,15 @@ struct Views {
         bv(w.bv ? w.bv : w.bq, hd) {}
 };
 
+// a b for the D x D algebra, through the skinny kernel (a 64^3 product takes about 7 us there
+// against 10-20 us in Eigen's GEMM, which packs both operands). Transposed operands are passed as
+// row-major copies (Mat(x.transpose()): a 64 x 64 copy costs about 1 us).
+Mat nn(const blas::ConstMatRef& a, const blas::ConstMatRef& b) {
+  Mat c(a.rows(), b.cols());
+  skinny::gemm_nn(a, b, c);
+  return c;
+}
+
 }  // namespace
 
 void RowSums::start(Index d, int threads) {
@@ -97,15 +106,12 @@ void simple_attn_fused_fwd(const Mat& h, const FoldedProjections& w, int heads, 
   DFM_ASSERT(st.gram.rows() == d && st.u.size() == d);
   p_gram.stop();
   prof::Section p_small("fused_fwd.dxd");
-  // W_q G and W_k G, one per thread: the norms need both, the K side is reused for K^T V below.
-  Mat &wqg = st.wqg, &wkg = st.wkg;
-#pragma omp parallel sections num_threads(2) if (omp_get_max_threads() > 1)
-  {
-#pragma omp section
-    wqg.noalias() = v.wq * st.gram;
-#pragma omp section
-    wkg.noalias() = v.wk * st.gram;
-  }
+  // W_q G and W_k G (the norms need both, the K side is reused for K^T V below). The D x D algebra
+  // runs on this thread alone: an OpenMP fork/join would cost more than its products, and on a
+  // shared machine it stalls whenever the other core is busy.
+  st.wqg = nn(v.wq, st.gram);
+  st.wkg = nn(v.wk, st.gram);
+  const Mat &wqg = st.wqg, &wkg = st.wkg;
   st.sq = projected_norm(wqg, st.u, v.wq, v.bq, n);
   st.sk = projected_norm(wkg, st.u, v.wk, v.bk, n);
   const float isq = static_cast<float>(1.0 / st.sq), isk = static_cast<float>(1.0 / st.sk);
@@ -126,13 +132,16 @@ void simple_attn_fused_fwd(const Mat& h, const FoldedProjections& w, int heads, 
       const auto wv_h = v.wv.middleRows(hh * d, d);
       const auto bv_h = v.bv.segment(hh * d, d);
       const Mat kv0 = (wkg.middleRows(hh * d, d) + bk_h * st.u.transpose()) * isk;
-      kv.noalias() = kv0 * wv_h.transpose() + ks * bv_h.transpose();
+      kv = nn(kv0, Mat(wv_h.transpose()));
+      kv.noalias() += ks * bv_h.transpose();
       vs = wv_h * st.u + fn * bv_h;
     } else {
       kv.noalias() = (wkg.middleRows(hh * d, d) + bk_h * st.u.transpose()) * isk;
       vs = st.u;
     }
-    b.middleCols(hh * d, d).noalias() = wq_h.transpose() * kv * isq;
+    auto b_h = b.middleCols(hh * d, d);
+    skinny::gemm_nn(Mat(wq_h.transpose()), kv, b_h);
+    b_h *= isq;
     c.segment(hh * d, d) = (kv.transpose() * bq_h * isq + vs).transpose();
     b.col(hd + hh).noalias() = wq_h.transpose() * ks * isq;
     c[hd + hh] = bq_h.dot(ks) * isq + fn;
@@ -216,10 +225,12 @@ void simple_attn_fused_bwd(const Mat& h, const FoldedProjections& w, int heads, 
   for (int hh = 0; hh < heads; ++hh) {
     const auto wq_h = v.wq.middleRows(hh * d, d);
     const auto bq_h = v.bq.segment(hh * d, d), bk_h = v.bk.segment(hh * d, d);
-    dkv[hh] = (wq_h * s.middleCols(hh * d, d) + bq_h * t.segment(hh * d, d)) * isq;
+    dkv[hh] = nn(wq_h, s.middleCols(hh * d, d));
+    dkv[hh].noalias() += bq_h * t.segment(hh * d, d);
+    dkv[hh] *= isq;
     dks[hh] = (wq_h * s.col(hd + hh) + bq_h * t[hd + hh]) * isq;
     if (v.has_v) {
-      e[hh] = dkv[hh] * v.wv.middleRows(hh * d, d);
+      e[hh] = nn(dkv[hh], v.wv.middleRows(hh * d, d));
       f[hh] = dks[hh] + dkv[hh] * v.bv.segment(hh * d, d);
     } else {
       e[hh] = dkv[hh];
@@ -237,8 +248,8 @@ void simple_attn_fused_bwd(const Mat& h, const FoldedProjections& w, int heads, 
   Vec zb = Vec::Zero(d);
   MatMap dwq(g.wq, hd, d), dwk(g.wk, hd, d);
   VecMap dbq(g.bq, hd), dbk(g.bk, hd);
-  // Two independent groups of D x D products (parameter gradients and P | Z and the value map),
-  // one per thread when there are two: each group runs serially, so results do not depend on it.
+  // Two groups of D x D products (parameter gradients and P | Z and the value map), on this
+  // thread alone (see the forward).
   auto grads_and_p = [&] {
     for (int hh = 0; hh < heads; ++hh) {
       const auto wq_h = v.wq.middleRows(hh * d, d), wk_h = v.wk.middleRows(hh * d, d);
@@ -250,13 +261,17 @@ void simple_attn_fused_bwd(const Mat& h, const FoldedProjections& w, int heads, 
       const Vec t_h = t.segment(hh * d, d).transpose();
       const float tau = t[hd + hh];
       const auto wqg_h = st.wqg.middleRows(hh * d, d), wkg_h = st.wkg.middleRows(hh * d, d);  // W G, saved
+      const Mat kv_rt = nn(kv_h, Mat(r_h.transpose()));
       dwq.middleRows(hh * d, d).noalias() +=
-          (kv_h * r_h.transpose() + ks_h * rr.transpose() - (gq * isq) * (wqg_h + bq_h * st.u.transpose())) * isq;
+          (kv_rt + ks_h * rr.transpose() - (gq * isq) * (wqg_h + bq_h * st.u.transpose())) * isq;
       dbq.segment(hh * d, d) += (kv_h * t_h + ks_h * tau - (gq * isq) * (wq_h * st.u + fn * bq_h)) * isq;
+      const Mat eg = nn(e[hh], st.gram);
       dwk.middleRows(hh * d, d).noalias() +=
-          (e[hh] * st.gram + f[hh] * st.u.transpose() - (gk * isk) * (wkg_h + bk_h * st.u.transpose())) * isk;
+          (eg + f[hh] * st.u.transpose() - (gk * isk) * (wkg_h + bk_h * st.u.transpose())) * isk;
       dbk.segment(hh * d, d) += (e[hh] * st.u + fn * f[hh] - (gk * isk) * (wk_h * st.u + fn * bk_h)) * isk;
-      p.middleRows(hh * d, d).noalias() = kv_h.transpose() * wq_h * isq;
+      auto p_h = p.middleRows(hh * d, d);
+      skinny::gemm_nn(Mat(kv_h.transpose()), wq_h, p_h);
+      p_h *= isq;
       p.row(hd + hh) = (wq_h.transpose() * ks_h * isq).transpose();
     }
   };
@@ -267,8 +282,10 @@ void simple_attn_fused_bwd(const Mat& h, const FoldedProjections& w, int heads, 
       const Vec ks_h = st.ks.row(hh).transpose();
       const Vec t_h = t.segment(hh * d, d).transpose();
       // through Q (norm term), through K, and through V: dV_h = Kn_h dKV_h + 1 t_h^T
-      z.noalias() += (-gq * isq * isq) * (wq_h.transpose() * wq_h) + (e[hh].transpose() * wk_h) * isk -
-                     (gk * isk * isk) * (wk_h.transpose() * wk_h) + (wk_h.transpose() * e[hh]) * isk;
+      const Mat wq_t = wq_h.transpose(), wk_t = wk_h.transpose();
+      const Mat et_wk = nn(Mat(e[hh].transpose()), wk_h);  // its transpose is wk^T e
+      z.noalias() += (-gq * isq * isq) * nn(wq_t, wq_h) + et_wk * isk - (gk * isk * isk) * nn(wk_t, wk_h) +
+                     et_wk.transpose() * isk;
       zb += (-gq * isq * isq) * (wq_h.transpose() * bq_h) + (wk_h.transpose() * f[hh]) * isk -
             (gk * isk * isk) * (wk_h.transpose() * bk_h) + (e[hh].transpose() * bk_h) * isk;
       if (v.has_v) {
@@ -283,13 +300,8 @@ void simple_attn_fused_bwd(const Mat& h, const FoldedProjections& w, int heads, 
       }
     }
   };
-#pragma omp parallel sections num_threads(2) if (omp_get_max_threads() > 1)
-  {
-#pragma omp section
-    grads_and_p();
-#pragma omp section
-    z_and_value();
-  }
+  grads_and_p();
+  z_and_value();
   p_small.stop();
   prof::Section p_rows("fused_bwd.rows");
   if (accumulate)

@@ -2,9 +2,9 @@
 // c = a b with a = [rows, K] (a block of the N instances) and b = [K, M] small (K, M: D or D+H).
 //
 // Why not OpenBLAS: for these shapes it packs both operands on every call (its copy routines were
-// 11% of a Cora epoch) and ran h B (1354 x 64 x 65, one EPYC core) at 53-58 GFLOP/s. libxsmm
+// 11% of a Cora epoch) and ran h B (1354 x 64 x 65, one EPYC core) at 52-58 GFLOP/s. libxsmm
 // 1.17 (Debian's, JIT, no packing) reached 72. Here b stays in L1 and is read in place, a is read
-// by rows, and a 6 x 16 tile of c lives in 12 AVX registers: 68-80 GFLOP/s on h B and 76-90 on
+// by rows, and a 6 x 16 tile of c lives in 12 AVX registers: 63-80 GFLOP/s on h B and 69-90 on
 // X P + h Z (dev/cpuperf/skinny.cpp). The transposed products (h^T X, h^T h) stay with OpenBLAS:
 // a kernel of this kind measured no faster there.
 //

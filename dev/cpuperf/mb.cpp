@@ -1,19 +1,10 @@
 // Micro-benchmark of the N x 64 x 64 products of the folded DIFFormer-s layer (one thread's
 // share of Cora at 2 threads), single-threaded Eigen: best of many repeats, GFLOP/s.
 #include <Eigen/Dense>
-#include <chrono>
 #include <cstdio>
+
+#include "best_us.hpp"
 using Mat = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
-template <typename F>
-double best_us(F&& f) {
-  double b = 1e18;
-  for (int r = 0; r < 400; ++r) {
-    auto t0 = std::chrono::steady_clock::now();
-    f();
-    b = std::min(b, std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count());
-  }
-  return b;
-}
 int main() {
   Eigen::setNbThreads(1);
   const int n = 1354, d = 64;

@@ -3,25 +3,15 @@
 // (skinny::). Best of 400 repeats, GFLOP/s. Build (from the repository root):
 //   g++ -O3 -march=native -DNDEBUG -std=c++20 -Isrc -I/usr/include/eigen3 dev/cpuperf/skinny.cpp \
 //       src/ops/cpu/skinny_gemm.cpp src/ops/cpu/blas.cpp -lopenblas -o /tmp/skinny && /tmp/skinny
-#include <chrono>
 #include <cstdio>
 
+#include "best_us.hpp"
 #include "ops/cpu/blas.hpp"
 #include "ops/cpu/skinny_gemm.hpp"
 
 using namespace dfm;
 using namespace dfm::cpu;
 
-template <typename F>
-double best_us(F&& f) {
-  double b = 1e18;
-  for (int r = 0; r < 400; ++r) {
-    auto t0 = std::chrono::steady_clock::now();
-    f();
-    b = std::min(b, std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count());
-  }
-  return b;
-}
 void row(const char* name, double mflop, double t_blas, double t_skinny) {
   std::printf("%-28s openblas %7.1f us %5.1f GF/s | skinny %7.1f us %5.1f GF/s | %.2fx\n", name, t_blas,
               mflop * 1e3 / t_blas, t_skinny, mflop * 1e3 / t_skinny, t_blas / t_skinny);

@@ -1,8 +1,8 @@
-// The N x D x D products of the CPU hot paths through OpenBLAS, single-threaded per call: the
-// callers already split the N rows over OpenMP threads and call this from each of them.
+// The transposed N x D x D products of the CPU hot paths through OpenBLAS, single-threaded per
+// call: the callers already split the N rows over OpenMP threads and call this from each of them.
 // Measured on a 2-core EPYC (one thread, 1354 x 64 blocks, Cora's half): h^T h 0.239 ms with
-// Eigen's GEMM, 0.093 ms with OpenBLAS ssyrk; h^T X 0.220 -> 0.163 ms; X P + h Z 0.446 -> 0.353 ms.
-// Everything else (D x D algebra, odd shapes) stays with Eigen.
+// Eigen's GEMM, 0.093 ms with OpenBLAS ssyrk; h^T X 0.220 -> 0.163 ms. The untransposed row maps
+// and the D x D algebra of the folded layer use skinny_gemm.hpp (no packing); odd shapes, Eigen.
 #pragma once
 
 #include "core/tensor.hpp"

@@ -20,7 +20,7 @@ namespace {
 
 // ||h W^T + 1 b^T||_F from wg = W G and u, in double.
 double projected_norm(const Mat& wg, const Vec& u, const ConstMatMap& w, const ConstVecMap& b, Index n) {
-  // tr(W G W^T): the D x D product in float (Eigen's GEMM, done by the caller), the sum in double
+  // tr(W G W^T): the D x D product in float (done by the caller), the sum in double
   double quad = 0;
   for (Index i = 0; i < w.rows(); ++i) quad += static_cast<double>(wg.row(i).dot(w.row(i)));
   const Eigen::VectorXd bd = b.cast<double>();

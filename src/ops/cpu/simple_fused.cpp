@@ -248,8 +248,8 @@ void simple_attn_fused_bwd(const Mat& h, const FoldedProjections& w, int heads, 
   Vec zb = Vec::Zero(d);
   MatMap dwq(g.wq, hd, d), dwk(g.wk, hd, d);
   VecMap dbq(g.bq, hd), dbk(g.bk, hd);
-  // Two groups of D x D products (parameter gradients and P | Z and the value map), on this
-  // thread alone (see the forward).
+  // Two independent groups of D x D products (parameter gradients and P | Z and the value map),
+  // one per thread: each takes about 50 us at D = 64, a fork/join about 2 us.
   auto grads_and_p = [&] {
     for (int hh = 0; hh < heads; ++hh) {
       const auto wq_h = v.wq.middleRows(hh * d, d), wk_h = v.wk.middleRows(hh * d, d);
@@ -300,8 +300,13 @@ void simple_attn_fused_bwd(const Mat& h, const FoldedProjections& w, int heads, 
       }
     }
   };
-  grads_and_p();
-  z_and_value();
+#pragma omp parallel sections num_threads(2) if (omp_get_max_threads() > 1)
+  {
+#pragma omp section
+    grads_and_p();
+#pragma omp section
+    z_and_value();
+  }
   p_small.stop();
   prof::Section p_rows("fused_bwd.rows");
   if (accumulate)

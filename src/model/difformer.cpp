@@ -118,7 +118,9 @@ void DIFFormer::init(std::mt19937_64& rng) {
 }
 
 bool DIFFormer::layer_forward(int l, const ModelInput& in, const Mat& h_in, bool training, std::uint64_t seed,
-                              LayerState* ls, Mat& h_out, const cpu::RowSums* in_sums, cpu::RowSums* out_sums) {
+                              LayerState* ls, Mat& h_out, const cpu::RowSums* in_sums, cpu::RowSums* out_sums,
+                              const std::vector<Index>* rows) {
+  DFM_ASSERT(!rows || (fused_layer() && !out_sums));
   const LayerSlots& s = layer_slots_[l];
   const Index n = h_in.rows(), d = cfg_.hidden;
   const int heads = cfg_.heads, vheads = value_heads();
@@ -173,11 +175,13 @@ bool DIFFormer::layer_forward(int l, const ModelInput& in, const Mat& h_in, bool
       const float *gamma = params.ptr(s.ln_g), *beta = params.ptr(s.ln_b);
       std::uint8_t* pk = keep ? keep->data() : nullptr;
       if (out_sums) out_sums->start(d, omp_get_max_threads());
+      const Index* ids = rows ? rows->data() : nullptr;
       const std::function<void(Index, Index)> tail = [&](Index lo, Index hi) {
-        cpu::mix_layernorm_dropout_rows(m, gamma, beta, kLayerNormEps, p, lseed, pk, h_out, xhat, rstd, lo, hi);
+        cpu::mix_layernorm_dropout_rows(m, gamma, beta, kLayerNormEps, p, lseed, pk, h_out, xhat, rstd, lo, hi, ids);
         if (out_sums) out_sums->add(omp_get_thread_num(), h_out, lo, hi);
       };
-      cpu::simple_attn_fused_fwd(h_in, folded_projections(l), heads, a, ls ? ls->fused : local, &tail, in_sums);
+      cpu::simple_attn_fused_fwd(h_in, folded_projections(l), heads, a, ls ? ls->fused : local, &tail, in_sums,
+                                 rows);
       if (out_sums) out_sums->finish();
       return out_sums != nullptr;
     }
@@ -282,17 +286,27 @@ bool DIFFormer::layer_forward(int l, const ModelInput& in, const Mat& h_in, bool
 }
 
 void DIFFormer::forward(const ModelInput& in, bool training, std::uint64_t dropout_seed, ForwardState* state,
-                        Mat& logits, std::vector<Mat>* hidden) {
+                        Mat& logits, std::vector<Mat>* hidden, const std::vector<Index>* rows) {
   DFM_CHECK(in.dense || in.sparse, "model: no input features");
   DFM_CHECK(in.features() == cfg_.in_features, "model: input has ", in.features(), " features, the model expects ",
             cfg_.in_features);
   DFM_CHECK(!in.graph || in.graph->nodes() == in.rows(), "model: graph has ", in.graph ? in.graph->nodes() : 0,
             " nodes but the input has ", in.rows(), " rows");
   const int layers = cfg_.layers;
+  // Only `rows` of the logits needed: the last layer and the output map run on them alone.
+  const std::vector<Index>* last_rows = rows && !hidden && layers > 0 && fused_layer() ? rows : nullptr;
+  if (last_rows)
+    for (size_t k = 0; k < rows->size(); ++k)
+      DFM_CHECK((*rows)[k] >= 0 && (*rows)[k] < in.rows() && (k == 0 || (*rows)[k] > (*rows)[k - 1]),
+                "model: the rows of the logits asked for must be sorted, distinct and within [0, ", in.rows(), ")");
   std::vector<Mat> local(2);
   if (state) {
     state->hidden.resize(layers + 1);
     state->layers.resize(layers);
+    if (last_rows)
+      state->rows = *last_rows;
+    else
+      state->rows.clear();
   }
   auto h_at = [&](int l) -> Mat& { return state ? state->hidden[l] : local[l % 2]; };
 
@@ -332,12 +346,21 @@ void DIFFormer::forward(const ModelInput& in, bool training, std::uint64_t dropo
   for (int l = 0; l < layers; ++l) {
     cpu::RowSums* out_sums = l + 1 < layers ? &sums[(l + 1) % 2] : nullptr;
     const bool summed = layer_forward(l, in, h_at(l), training, dropout_seed, state ? &state->layers[l] : nullptr,
-                                      h_at(l + 1), in_sums, out_sums);
+                                      h_at(l + 1), in_sums, out_sums, l + 1 == layers ? last_rows : nullptr);
     in_sums = summed ? out_sums : nullptr;
     if (hidden) hidden->push_back(h_at(l + 1));
   }
   prof::Section t_out("fwd.output");
-  cpu::linear_fwd(h_at(layers), params.mat(fc_out_w_), params.ptr(fc_out_b_), logits);
+  if (last_rows) {
+    const Mat& h = h_at(layers);
+    const Mat h_rows = h(*last_rows, Eigen::placeholders::all);
+    Mat logits_rows;
+    cpu::linear_fwd(h_rows, params.mat(fc_out_w_), params.ptr(fc_out_b_), logits_rows);
+    logits.setZero(h.rows(), logits_rows.cols());
+    logits(*last_rows, Eigen::placeholders::all) = logits_rows;
+  } else {
+    cpu::linear_fwd(h_at(layers), params.mat(fc_out_w_), params.ptr(fc_out_b_), logits);
+  }
 }
 
 void DIFFormer::embed(const ModelInput& in, Mat& h) {
@@ -348,7 +371,8 @@ void DIFFormer::embed(const ModelInput& in, Mat& h) {
 }
 
 void DIFFormer::layer_backward(int l, const ModelInput& in, const Mat& h_in, LayerState& ls, Mat& dh_out,
-                               Mat& dh_in) {
+                               Mat& dh_in, const std::vector<Index>* rows) {
+  DFM_ASSERT(!rows || fused_layer());
   const LayerSlots& s = layer_slots_[l];
   const Index n = h_in.rows(), d = cfg_.hidden;
   const int heads = cfg_.heads, vheads = value_heads();
@@ -367,8 +391,14 @@ void DIFFormer::layer_backward(int l, const ModelInput& in, const Mat& h_in, Lay
     // the attention reads them (da = d_o), and adds the graph term to its rows of dh_in right
     // after the attention's row maps wrote them.
     prof::Section t_attn("bwd.fused");
-    d_o.resize(n, d);
-    dh_in.resize(n, d);
+    if (rows) {  // dh_out is zero outside rows: so are d_o and the tail's part of dh_in
+      d_o.setZero(n, d);
+      dh_in.setZero(n, d);
+    } else {
+      d_o.resize(n, d);
+      dh_in.resize(n, d);
+    }
+    const Index* ids = rows ? rows->data() : nullptr;
     const int threads = omp_get_max_threads();
     std::vector<Vec> dg(threads, Vec::Zero(d)), db(threads, Vec::Zero(d));
     const std::uint8_t* keep = ls.keep.empty() ? nullptr : ls.keep.data();
@@ -376,7 +406,7 @@ void DIFFormer::layer_backward(int l, const ModelInput& in, const Mat& h_in, Lay
     const std::function<void(Index, Index)> tail = [&](Index lo, Index hi) {
       const int t = omp_get_thread_num();
       cpu::dropout_layernorm_mix_bwd_rows(keep, cfg_.dropout, ls.xhat, ls.rstd, gamma, dh_out, scale, keep_in, d_o,
-                                          dh_in, dg[t].data(), db[t].data(), lo, hi);
+                                          dh_in, dg[t].data(), db[t].data(), lo, hi, ids);
     };
     const std::function<void(Index, Index)> graph = [&](Index lo, Index hi) {
       cpu::graph_prop_rows(in.graph->adj_t, d_o, dh_in, cg, true, lo, hi);
@@ -384,7 +414,7 @@ void DIFFormer::layer_backward(int l, const ModelInput& in, const Mat& h_in, Lay
     cpu::FoldedGrads grads{params.grad_ptr(s.wq), params.grad_ptr(s.bq), params.grad_ptr(s.wk),
                            params.grad_ptr(s.bk), nullptr, nullptr};
     cpu::simple_attn_fused_bwd(h_in, folded_projections(l), heads, ls.a, ls.fused, d_o, dh_in, grads, true, &tail,
-                               cfg_.use_graph ? &graph : nullptr);
+                               cfg_.use_graph ? &graph : nullptr, rows);
     VecMap dgamma(params.grad_ptr(s.ln_g), d), dbeta(params.grad_ptr(s.ln_b), d);
     for (int t = 0; t < threads; ++t) {
       dgamma += dg[t];
@@ -521,11 +551,22 @@ void DIFFormer::backward(const ModelInput& in, ForwardState& state, const Mat& d
   DFM_ASSERT(static_cast<int>(state.hidden.size()) == layers + 1);
   Mat dh, dh_prev;
   prof::Section t_out("bwd.output");
-  cpu::linear_bwd(state.hidden[layers], params.mat(fc_out_w_), dlogits, &dh, params.grad_mat(fc_out_w_),
-                  params.grad_ptr(fc_out_b_));
+  const std::vector<Index>* last_rows = state.rows.empty() ? nullptr : &state.rows;
+  if (last_rows) {  // h_L and the logits exist on these rows only (dlogits is zero elsewhere)
+    const Mat h_rows = state.hidden[layers](*last_rows, Eigen::placeholders::all);
+    const Mat dlogits_rows = dlogits(*last_rows, Eigen::placeholders::all);
+    Mat dh_rows;
+    cpu::linear_bwd(h_rows, params.mat(fc_out_w_), dlogits_rows, &dh_rows, params.grad_mat(fc_out_w_),
+                    params.grad_ptr(fc_out_b_));
+    dh.resize(state.hidden[layers].rows(), dh_rows.cols());  // read on last_rows only
+    dh(*last_rows, Eigen::placeholders::all) = dh_rows;
+  } else {
+    cpu::linear_bwd(state.hidden[layers], params.mat(fc_out_w_), dlogits, &dh, params.grad_mat(fc_out_w_),
+                    params.grad_ptr(fc_out_b_));
+  }
   t_out.stop();
   for (int l = layers - 1; l >= 0; --l) {
-    layer_backward(l, in, state.hidden[l], state.layers[l], dh, dh_prev);
+    layer_backward(l, in, state.hidden[l], state.layers[l], dh, dh_prev, l + 1 == layers ? last_rows : nullptr);
     std::swap(dh, dh_prev);
   }
   prof::Section t_in("bwd.input");

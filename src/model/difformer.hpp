@@ -65,6 +65,7 @@ struct ForwardState {
   std::vector<std::uint8_t> in_keep;
   std::vector<Mat> hidden;  // h_0 .. h_L (after dropout)
   std::vector<LayerState> layers;
+  std::vector<Index> rows;  // the rows the last layer and the logits were computed on (empty: all)
 };
 
 class DIFFormer {
@@ -75,8 +76,12 @@ class DIFFormer {
 
   // logits [N, C]. training: dropout on (seeded by dropout_seed). state: saved for backward
   // (nullptr = inference, nothing kept). hidden: if given, receives h_0..h_L.
+  // rows (sorted, distinct), when given: only these rows of the logits are needed (the loss's or
+  // the metrics' rows). The last layer and the output map may then run on them alone (the layers
+  // before feed every row to the next attention, so they run in full); the other rows of logits
+  // come out zero. Those rows' logits, and backward's gradients, are the same as without rows.
   void forward(const ModelInput& in, bool training, std::uint64_t dropout_seed, ForwardState* state, Mat& logits,
-               std::vector<Mat>* hidden = nullptr);
+               std::vector<Mat>* hidden = nullptr, const std::vector<Index>* rows = nullptr);
   // Node embeddings h_L [N, D] only (inference).
   void embed(const ModelInput& in, Mat& h);
   void backward(const ModelInput& in, ForwardState& state, const Mat& dlogits);
@@ -91,15 +96,25 @@ class DIFFormer {
   // h_in -> h_out for one layer; ls != nullptr keeps what backward needs. in_sums, when given,
   // holds h_in's G and u; out_sums, when given, may be filled with h_out's (returns whether it was:
   // the folded layer with the fused tail sums each block of h_out as it writes it).
+  // rows (fused_layer() only): h_out is computed on those rows alone, the others left unspecified;
+  // backward then reads dh_out on those rows alone.
   bool layer_forward(int l, const ModelInput& in, const Mat& h_in, bool training, std::uint64_t seed,
                      LayerState* ls, Mat& h_out, const cpu::RowSums* in_sums = nullptr,
-                     cpu::RowSums* out_sums = nullptr);
-  void layer_backward(int l, const ModelInput& in, const Mat& h_in, LayerState& ls, Mat& dh_out, Mat& dh_in);
+                     cpu::RowSums* out_sums = nullptr, const std::vector<Index>* rows = nullptr);
+  void layer_backward(int l, const ModelInput& in, const Mat& h_in, LayerState& ls, Mat& dh_out, Mat& dh_in,
+                      const std::vector<Index>* rows = nullptr);
   int value_heads() const { return cfg_.use_weight ? cfg_.heads : 1; }
   // DIFFormer-s with the official global q/k norm takes the folded kernel, which never forms
   // Q, K or V (docs/ALGEBRA.md).
   bool fused_simple() const {
     return cfg_.allow_folded && cfg_.kernel == Kernel::simple && cfg_.qk_norm == QkNorm::global;
+  }
+  // The folded DIFFormer-s layer whose tail (residual mix, graph, LayerNorm, dropout) runs fused
+  // into the attention's row passes, forward and backward: one head, no Wv, LayerNorm, the plain
+  // sum of the attention and graph terms.
+  bool fused_layer() const {
+    const bool mix = cfg_.graph_weight > 0 && cfg_.use_graph;
+    return fused_simple() && cfg_.use_ln && !cfg_.use_weight && cfg_.heads == 1 && !mix;
   }
   cpu::FoldedProjections folded_projections(int l) const;
   // Head means of Wv and bv: with V_h = h Wv_h^T + bv_h the head mean of the graph terms is

@@ -173,10 +173,11 @@ struct MixInputs {
 void mix_layernorm_dropout_fwd(const MixInputs& m, const float* gamma, const float* beta, float eps, float p,
                                std::uint64_t seed, std::vector<std::uint8_t>* keep, Mat& y, Mat* xhat, Vec* rstd);
 // The same on rows [lo, hi) only, serially (to run inside a caller's parallel region): y, xhat,
-// rstd and keep (flat, n*D bytes, or null) must already be sized.
+// rstd and keep (flat, n*D bytes, or null) must already be sized. With row_ids, on rows
+// row_ids[lo .. hi) instead (each once).
 void mix_layernorm_dropout_rows(const MixInputs& m, const float* gamma, const float* beta, float eps, float p,
                                 std::uint64_t seed, std::uint8_t* keep, Mat& y, Mat* xhat, Vec* rstd, Index lo,
-                                Index hi);
+                                Index hi, const Index* row_ids = nullptr);
 // Its backward through dropout (when keep is given), LayerNorm and the residual mix:
 //   dz = LayerNorm_bwd(dropout_bwd(dy)),  d_o = scale * dz,  dh_in = keep_in * dz  (both overwritten),
 // dgamma, dbeta accumulated.
@@ -184,10 +185,12 @@ void dropout_layernorm_mix_bwd(const std::vector<std::uint8_t>* keep, float p, c
                                const float* gamma, const Mat& dy, float scale, float keep_in, Mat& d_o, Mat& dh_in,
                                float* dgamma, float* dbeta);
 // The same on rows [lo, hi) only, serially: d_o and dh_in sized, keep flat (n*D bytes) or null,
-// dgamma and dbeta accumulated (the caller's per-thread partials).
+// dgamma and dbeta accumulated (the caller's per-thread partials). With row_ids, on rows
+// row_ids[lo .. hi) instead.
 void dropout_layernorm_mix_bwd_rows(const std::uint8_t* keep, float p, const Mat& xhat, const Vec& rstd,
                                     const float* gamma, const Mat& dy, float scale, float keep_in, Mat& d_o,
-                                    Mat& dh_in, float* dgamma, float* dbeta, Index lo, Index hi);
+                                    Mat& dh_in, float* dgamma, float* dbeta, Index lo, Index hi,
+                                    const Index* row_ids = nullptr);
 // out = a^T b for tall a [N, p], b [N, q], split over threads by rows (Eigen's GEMM would only
 // split the small p x q output).
 void tn_product(CMatRef a, CMatRef b, Mat& out);
@@ -235,19 +238,24 @@ class RowSums {
 // after_rows, when given, is called by the computing thread on each finished block of rows
 // [lo, hi) of a (and st.den), while they are in cache (the layer tail fuses in there).
 // sums_of_h, when given, holds h's G and u (finished), which are then not recomputed.
+// rows, when given (distinct), limits the output to those rows of a and st.den (the others are left
+// unspecified; the sums still run over all of h); after_rows then gets ranges [lo, hi) of *rows.
 void simple_attn_fused_fwd(const Mat& h, const FoldedProjections& w, int heads, Mat& a, SimpleFusedState& st,
                            const std::function<void(Index, Index)>* after_rows = nullptr,
-                           const RowSums* sums_of_h = nullptr);
+                           const RowSums* sums_of_h = nullptr, const std::vector<Index>* rows = nullptr);
 // dh is OVERWRITTEN with the attention's whole contribution (through Q, K and V); the parameter
 // gradients are accumulated.
 // before_rows, when given, is called by each thread on its rows [lo, hi) before it reads them from
-// da (the caller's layer tail writes them there, and dh's rows with accumulate); after_rows on the
-// same rows once their dh is complete (every row of da is final by then).
+// da (the caller's layer tail writes them there, and dh's rows with accumulate); after_rows on its
+// rows [lo, hi) of dh once they are complete (every row of da is final by then).
+// rows, when given (distinct), says da is zero outside those rows: only they are read, and
+// before_rows gets ranges [lo, hi) of *rows; needs accumulate (dh still gets every row's terms).
 void simple_attn_fused_bwd(const Mat& h, const FoldedProjections& w, int heads, const Mat& a,
                            const SimpleFusedState& st, const Mat& da, Mat& dh, const FoldedGrads& g,
                            bool accumulate = false,  // accumulate: dh += (dh already sized)
                            const std::function<void(Index, Index)>* before_rows = nullptr,
-                           const std::function<void(Index, Index)>* after_rows = nullptr);
+                           const std::function<void(Index, Index)>* after_rows = nullptr,
+                           const std::vector<Index>* rows = nullptr);
 
 // Losses over the rows listed in idx (mean over them); dlogits is overwritten, zero outside idx.
 float cross_entropy(const Mat& logits, const std::vector<std::int64_t>& y, const std::vector<std::int64_t>& idx,

@@ -23,10 +23,15 @@ class CpuBackend final : public NodeTrainBackend {
  public:
   CpuBackend(DIFFormer& model, const ModelInput& in, const std::vector<std::int64_t>& y, const Split& split,
              const AdamOptions& adam)
-      : model_(model), in_(in), y_(y), split_(split), adam_(adam) {}
+      : model_(model), in_(in), y_(y), split_(split), adam_(adam) {
+    // The loss reads the training rows' logits, the metrics the three splits': the model's last
+    // layer then runs on those rows alone.
+    train_rows_ = sorted_distinct({&split.train});
+    eval_rows_ = sorted_distinct({&split.train, &split.val, &split.test});
+  }
   float step(std::uint64_t dropout_seed) override {
     model_.params.zero_grad();
-    model_.forward(in_, true, dropout_seed, &state_, logits_);
+    model_.forward(in_, true, dropout_seed, &state_, logits_, nullptr, &train_rows_);
     const float loss = cpu::cross_entropy(logits_, y_, split_.train, dlogits_);
     if (!std::isfinite(loss)) return loss;
     model_.backward(in_, state_, dlogits_);
@@ -34,12 +39,19 @@ class CpuBackend final : public NodeTrainBackend {
     return loss;
   }
   const Mat& eval_logits() override {
-    model_.forward(in_, false, 0, nullptr, eval_);
+    model_.forward(in_, false, 0, nullptr, eval_, nullptr, &eval_rows_);
     return eval_;
   }
   void current_params(FloatBuffer& out) override { out = model_.params.values; }
 
  private:
+  static std::vector<Index> sorted_distinct(std::initializer_list<const std::vector<std::int64_t>*> lists) {
+    std::vector<Index> rows;
+    for (const auto* list : lists) rows.insert(rows.end(), list->begin(), list->end());
+    std::sort(rows.begin(), rows.end());
+    rows.erase(std::unique(rows.begin(), rows.end()), rows.end());
+    return rows;
+  }
   DIFFormer& model_;
   const ModelInput& in_;
   const std::vector<std::int64_t>& y_;
@@ -47,6 +59,7 @@ class CpuBackend final : public NodeTrainBackend {
   Adam adam_;
   ForwardState state_;
   Mat logits_, dlogits_, eval_;
+  std::vector<Index> train_rows_, eval_rows_;
 };
 
 class CudaBackend final : public NodeTrainBackend {

@@ -562,7 +562,7 @@ void graph_prop_rows(const Csr& adj, CMatRef v, Mat& g, float alpha, bool accumu
 // ---- fused row passes of a diffusion layer ---------------------------------------------------
 void mix_layernorm_dropout_rows(const MixInputs& m, const float* gamma, const float* beta, float eps, float p,
                                 std::uint64_t seed, std::uint8_t* keep, Mat& y, Mat* xhat, Vec* rstd, Index lo,
-                                Index hi) {
+                                Index hi, const Index* row_ids) {
   const Mat& h_in = *m.h_in;
   const Index d = h_in.cols();
   const float dscale = p < 1.0f ? 1.0f / (1.0f - p) : 0.0f;
@@ -588,7 +588,8 @@ void mix_layernorm_dropout_rows(const MixInputs& m, const float* gamma, const fl
     float* __restrict z = buf.data() + d;
     if (d == 64) {  // the row in eight 8-float registers, one pass
       constexpr int B = 8;
-      for (Index i = lo; i < hi; ++i) {
+      for (Index k = lo; k < hi; ++k) {
+        const Index i = row_ids ? row_ids[k] : k;
         // zr = sum_h wa a_h + cg g, in that order (as the generic path below). The gathered graph
         // row stays in the eight registers it is summed in (a round trip through memory and a
         // second set of eight accumulators cost register spills), and each 8-float block of the
@@ -635,7 +636,8 @@ void mix_layernorm_dropout_rows(const MixInputs& m, const float* gamma, const fl
         }
       }
     } else {
-    for (Index i = lo; i < hi; ++i) {
+    for (Index k = lo; k < hi; ++k) {
+      const Index i = row_ids ? row_ids[k] : k;
       const float* __restrict hi = ph + i * d;
       for (Index c = 0; c < d; ++c) z[c] = 0.0f;
       if (pa)
@@ -699,7 +701,8 @@ void mix_layernorm_dropout_fwd(const MixInputs& m, const float* gamma, const flo
 
 void dropout_layernorm_mix_bwd_rows(const std::uint8_t* keep, float p, const Mat& xhat, const Vec& rstd,
                                     const float* gamma, const Mat& dy, float scale, float keep_in, Mat& d_o,
-                                    Mat& dh_in, float* dgamma, float* dbeta, Index lo, Index hi) {
+                                    Mat& dh_in, float* dgamma, float* dbeta, Index lo, Index hi,
+                                    const Index* row_ids) {
   const Index d = xhat.cols();
   const float dscale = p < 1.0f ? 1.0f / (1.0f - p) : 0.0f;
   const float fd = static_cast<float>(d);
@@ -712,7 +715,8 @@ void dropout_layernorm_mix_bwd_rows(const std::uint8_t* keep, float p, const Mat
     constexpr int B = 8;
     v8f dga[B], dba[B];
     for (int b = 0; b < B; ++b) dga[b] = dba[b] = v8f{};
-    for (Index i = lo; i < hi; ++i) {
+    for (Index k = lo; k < hi; ++k) {
+      const Index i = row_ids ? row_ids[k] : k;
       const float* dyi = dy.data() + i * d;
       const float* xi = xhat.data() + i * d;
       v8f gv[B], gyv[B], xv[B];
@@ -741,7 +745,8 @@ void dropout_layernorm_mix_bwd_rows(const std::uint8_t* keep, float p, const Mat
       store8(pdb + 8 * b, load8(pdb + 8 * b) + dba[b]);
     }
   } else {
-    for (Index i = lo; i < hi; ++i) {
+    for (Index k = lo; k < hi; ++k) {
+      const Index i = row_ids ? row_ids[k] : k;
       const float* dyi = dy.data() + i * d;
       const float* xi = xhat.data() + i * d;
       if (keep) {

@@ -82,7 +82,8 @@ void RowSums::finish() {
 }
 
 void simple_attn_fused_fwd(const Mat& h, const FoldedProjections& w, int heads, Mat& a, SimpleFusedState& st,
-                           const std::function<void(Index, Index)>* after_rows, const RowSums* sums_of_h) {
+                           const std::function<void(Index, Index)>* after_rows, const RowSums* sums_of_h,
+                           const std::vector<Index>* rows) {
   const Index n = h.rows(), d = h.cols(), hd = heads * d;
   const Views v(w, hd, d);
   const EigenSerialScope serial;
@@ -151,21 +152,30 @@ void simple_attn_fused_fwd(const Mat& h, const FoldedProjections& w, int heads, 
   a.resize(n, hd);
   st.den.resize(n, heads);
   const int threads = omp_get_max_threads();
+  const Index count = rows ? static_cast<Index>(rows->size()) : n;  // rows computed
+  const Index* ids = rows ? rows->data() : nullptr;
 #pragma omp parallel num_threads(threads)
   {
     const int t = omp_get_thread_num();
-    const Index lo = n * t / threads, hi = n * (t + 1) / threads;
+    const Index lo = count * t / threads, hi = count * (t + 1) / threads;
     constexpr Index kRows = 256;  // keep the [rows, H*D+H] tile in cache
-    Mat y;
+    Mat y, hb;
     for (Index r0 = lo; r0 < hi; r0 += kRows) {
       const Index m = std::min(kRows, hi - r0);
       y.resize(m, b.cols());
-      skinny::gemm_nn(h.middleRows(r0, m), b, y);
-      for (Index i = 0; i < m; ++i) {
+      if (ids) {  // the block's rows of h, gathered
+        hb.resize(m, d);
+        for (Index k = 0; k < m; ++k) hb.row(k) = h.row(ids[r0 + k]);
+        skinny::gemm_nn(hb, b, y);
+      } else {
+        skinny::gemm_nn(h.middleRows(r0, m), b, y);
+      }
+      for (Index k = 0; k < m; ++k) {
+        const Index i = ids ? ids[r0 + k] : r0 + k;
         for (int hh = 0; hh < heads; ++hh) {
-          const float den = y(i, hd + hh) + c[hd + hh];
-          st.den(r0 + i, hh) = den;
-          a.row(r0 + i).segment(hh * d, d) = (y.row(i).segment(hh * d, d) + c.segment(hh * d, d)) / den;
+          const float den = y(k, hd + hh) + c[hd + hh];
+          st.den(i, hh) = den;
+          a.row(i).segment(hh * d, d) = (y.row(k).segment(hh * d, d) + c.segment(hh * d, d)) / den;
         }
       }
       if (after_rows) (*after_rows)(r0, r0 + m);
@@ -176,7 +186,7 @@ void simple_attn_fused_fwd(const Mat& h, const FoldedProjections& w, int heads, 
 void simple_attn_fused_bwd(const Mat& h, const FoldedProjections& w, int heads, const Mat& a,
                            const SimpleFusedState& st, const Mat& da, Mat& dh, const FoldedGrads& g,
                            bool accumulate, const std::function<void(Index, Index)>* before_rows,
-                           const std::function<void(Index, Index)>* after_rows) {
+                           const std::function<void(Index, Index)>* after_rows, const std::vector<Index>* rows) {
   const Index n = h.rows(), d = h.cols(), hd = heads * d;
   const Views v(w, hd, d);
   const EigenSerialScope serial;
@@ -184,7 +194,10 @@ void simple_attn_fused_bwd(const Mat& h, const FoldedProjections& w, int heads, 
   const float isq = static_cast<float>(1.0 / st.sq), isk = static_cast<float>(1.0 / st.sk);
   // X = [dnum_1 .. dnum_H | dden_1 .. dden_H]
   prof::Section p_x("fused_bwd.x+s");
-  Mat x(n, hd + heads);
+  DFM_ASSERT(!rows || accumulate);
+  const Index count = rows ? static_cast<Index>(rows->size()) : n;  // rows where da may be nonzero
+  const Index* ids = rows ? rows->data() : nullptr;
+  Mat x(count, hd + heads);  // row k belongs to row ids[k] of h with rows
   // One pass per thread over its rows: build X, then its share of S = h^T X and of t = X^T 1
   // (partials summed in thread order: deterministic for a given thread count).
   const int nth = omp_get_max_threads();
@@ -193,20 +206,28 @@ void simple_attn_fused_bwd(const Mat& h, const FoldedProjections& w, int heads, 
 #pragma omp parallel num_threads(nth)
   {
     const int th = omp_get_thread_num();
-    const Index lo = n * th / nth, hi = n * (th + 1) / nth;
+    const Index lo = count * th / nth, hi = count * (th + 1) / nth;
     if (before_rows && hi > lo) (*before_rows)(lo, hi);
-    for (Index i = lo; i < hi; ++i)
+    for (Index k = lo; k < hi; ++k) {
+      const Index i = ids ? ids[k] : k;
       for (int hh = 0; hh < heads; ++hh) {
         const float den = st.den(i, hh);
         const auto da_i = da.row(i).segment(hh * d, d);
-        x.row(i).segment(hh * d, d) = da_i / den;
-        x(i, hd + hh) = -da_i.dot(a.row(i).segment(hh * d, d)) / den;
+        x.row(k).segment(hh * d, d) = da_i / den;
+        x(k, hd + hh) = -da_i.dot(a.row(i).segment(hh * d, d)) / den;
       }
+    }
     s_part[th].setZero(d, hd + heads);
     t_part[th].setZero(hd + heads);
     if (hi > lo) {
-      blas::gemm(h.middleRows(lo, hi - lo), true, x.middleRows(lo, hi - lo), false, s_part[th]);
-      for (Index i = lo; i < hi; ++i) t_part[th] += x.row(i);
+      if (ids) {
+        Mat hb(hi - lo, d);
+        for (Index k = lo; k < hi; ++k) hb.row(k - lo) = h.row(ids[k]);
+        blas::gemm(hb, true, x.middleRows(lo, hi - lo), false, s_part[th]);
+      } else {
+        blas::gemm(h.middleRows(lo, hi - lo), true, x.middleRows(lo, hi - lo), false, s_part[th]);
+      }
+      for (Index k = lo; k < hi; ++k) t_part[th] += x.row(k);
     }
   }
   for (int th = 1; th < nth; ++th) {
@@ -317,10 +338,19 @@ void simple_attn_fused_bwd(const Mat& h, const FoldedProjections& w, int heads, 
 #pragma omp parallel num_threads(threads)
   {
     const int th = omp_get_thread_num();
+    if (ids) {  // X P on the given rows only (distinct rows: no two threads add to one)
+      const Index lo = count * th / threads, hi = count * (th + 1) / threads;
+      if (hi > lo) {
+        Mat xp(hi - lo, d);
+        skinny::gemm_nn(x.middleRows(lo, hi - lo), p, xp);
+        for (Index k = lo; k < hi; ++k) dh.row(ids[k]) += xp.row(k - lo);
+      }
+#pragma omp barrier
+    }
     const Index lo = n * th / threads, hi = n * (th + 1) / threads;
     if (hi > lo) {
       auto out = dh.middleRows(lo, hi - lo);
-      skinny::gemm_nn(x.middleRows(lo, hi - lo), p, out, accumulate);
+      if (!ids) skinny::gemm_nn(x.middleRows(lo, hi - lo), p, out, accumulate);
       skinny::gemm_nn(h.middleRows(lo, hi - lo), z, out, true);
       out.rowwise() += zb.transpose();
       if (after_rows) (*after_rows)(lo, hi);

@@ -11,12 +11,17 @@ threads and prints the ratios (peer time / our time, peer memory / our memory), 
                   2 layers, 1 head, degree 10, Wv on, dropout 0); ours: `difformer bench`; peer:
                   peer_bench.py
 
-Usage: bench/cpu_vs_peer.py [--threads 2] [--only cora-s,synth-simple-1e5] [--out results.csv]
+With --repeats R each configuration runs R times, ours and the peer alternating, and the row holds
+the median of each side's R figures (and the ratio of the medians): on a VM whose speed drifts
+between phases of tens of seconds, one short run of ours lands in one phase while the peer's longer
+run averages over several, and single pairs scatter widely (Cora-s: 8.6x to 13.6x).
+
+Usage: bench/cpu_vs_peer.py [--threads 2] [--only cora-s,synth-simple-1e5] [--repeats 1] [--out results.csv]
 Needs: a Release build in build/ (or --difformer PATH), /usr/bin/python3 with torch + numpy for the
 peer, and the peer in ../shared/peer (or --peer DIR). Only ratios from one run mean anything on a
 shared 2-core machine; absolute times vary by +-35% between runs.
 """
-import argparse, csv, json, os, subprocess, sys, tempfile
+import argparse, csv, json, os, statistics, subprocess, sys, tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -77,6 +82,7 @@ def main():
     ap.add_argument("--only", default=",".join(CONFIGS))
     ap.add_argument("--epochs", type=int, default=20)
     ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=1, help="alternating runs of ours and the peer per config")
     ap.add_argument("--difformer", default=os.path.join(ROOT, "build/difformer"))
     ap.add_argument("--peer", default=os.environ.get("PEER_DIR", os.path.join(ROOT, "..", "shared", "peer")))
     ap.add_argument("--python", default="/usr/bin/python3" if os.path.exists("/usr/bin/python3") else "python3")
@@ -87,18 +93,25 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         for name in a.only.split(","):
             c = CONFIGS[name]
-            if c["kind"] == "epoch":
-                ours = ours_epoch(a, c["kernel"], tmp)
-                peer = peer_epoch(a, c["kernel"], env)
-                unit = "ms/epoch"
-            else:
-                ours = ours_step(a, c["kernel"], c["n"], tmp)
-                peer = peer_step(a, c["kernel"], c["n"], tmp, env)
-                unit = "ms/step"
+            ours_runs, peer_runs = [], []
+            for _ in range(a.repeats):
+                if c["kind"] == "epoch":
+                    ours_runs.append(ours_epoch(a, c["kernel"], tmp))
+                    peer_runs.append(peer_epoch(a, c["kernel"], env))
+                    unit = "ms/epoch"
+                else:
+                    ours_runs.append(ours_step(a, c["kernel"], c["n"], tmp))
+                    peer_runs.append(peer_step(a, c["kernel"], c["n"], tmp, env))
+                    unit = "ms/step"
+                print(f"{name}: ours {ours_runs[-1][0]:.2f}, peer {peer_runs[-1][0]:.2f} {unit}, "
+                      f"pair ratio {peer_runs[-1][0] / ours_runs[-1][0]:.2f}", file=sys.stderr, flush=True)
+            ours = (statistics.median(r[0] for r in ours_runs), max(r[1] for r in ours_runs))
+            peer = (statistics.median(r[0] for r in peer_runs), max(r[1] for r in peer_runs))
             rows.append(dict(config=name, unit=unit, ours_ms=round(ours[0], 2), peer_ms=round(peer[0], 2),
                              speedup=round(peer[0] / ours[0], 2), ours_peak_mb=round(ours[1], 1),
                              peer_peak_mb=round(peer[1], 1), memory_ratio=round(peer[1] / ours[1], 2),
-                             threads=a.threads))
+                             threads=a.threads, repeats=a.repeats,
+                             pair_ratios=" ".join(f"{p[0] / o[0]:.2f}" for o, p in zip(ours_runs, peer_runs))))
             print(json.dumps(rows[-1]), flush=True)
     tmp_out = a.out + ".tmp"
     with open(tmp_out, "w", newline="") as f:

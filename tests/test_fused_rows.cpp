@@ -109,19 +109,20 @@ TEST_P(FusedRows, ForwardAndBackwardMatchComposedReference) {
   }
   EXPECT_LT(rel_err(y, yd), 1e-5);
 
-  if (c.relu) return;  // the op's backward has no ReLU (the model applies relu_bwd first)
-  // backward
+  // backward (with relu, through the ReLU too: its gate is read from the forward's output y)
   const Mat dy = rand_mat(n, d, gen);
   MatD dyd = dbl(dy);
   if (c.dropout)
     for (Index i = 0; i < n * d; ++i) dyd.data()[i] = keep[i] ? dyd.data()[i] / (1.0 - p) : 0.0;
+  if (c.relu)
+    for (Index i = 0; i < n * d; ++i) dyd.data()[i] = yr.data()[i] > 0.0 ? dyd.data()[i] : 0.0;
   MatD dxr;
   VecD dgr = VecD::Zero(d), dbr = VecD::Zero(d);
   ref::layernorm_bwd(z, gamma.cast<double>(), eps, dyd, dxr, dgr, dbr);
   Mat d_o, dh;
   Vec dg = Vec::Constant(d, 1.0f), db = Vec::Constant(d, -1.0f);  // accumulated into
-  cpu::dropout_layernorm_mix_bwd(c.dropout ? &keep : nullptr, p, xhat, rstd, gamma.data(), dy, scale, keep_in, d_o, dh,
-                                 dg.data(), db.data());
+  cpu::dropout_layernorm_mix_bwd(c.dropout ? &keep : nullptr, p, xhat, rstd, gamma.data(), dy, scale, keep_in, d_o, &dh,
+                                 dg.data(), db.data(), c.relu ? &y : nullptr);
   EXPECT_LT(rel_err(d_o, MatD(scale * dxr)), 1e-4);
   if (c.residual) {
     EXPECT_LT(rel_err(dh, MatD(keep_in * dxr)), 1e-4);

@@ -318,7 +318,10 @@ void DIFFormer::forward(const ModelInput& in, bool training, std::uint64_t dropo
   else
     cpu::linear_sparse_fwd(*in.sparse, params.mat(fc_in_w_), params.ptr(fc_in_b_), cfg_.use_ln ? x1 : h0);
   const bool drop = training && cfg_.dropout > 0;
-  if (cfg_.use_ln) {  // LayerNorm, ReLU and dropout in one row pass
+  cpu::RowSums sums[2];  // G and u of the next layer's input, when the previous tail summed them
+  const cpu::RowSums* in_sums = nullptr;
+  if (cfg_.use_ln) {  // LayerNorm, ReLU and dropout in one row pass (summing G and u of h_0 for
+                      // the folded first layer)
     cpu::MixInputs m;
     m.h_in = &x1;
     m.keep_in = 1.0f;
@@ -328,7 +331,9 @@ void DIFFormer::forward(const ModelInput& in, bool training, std::uint64_t dropo
     cpu::mix_layernorm_dropout_fwd(m, params.ptr(ln_in_g_), params.ptr(ln_in_b_), kLayerNormEps,
                                    drop ? cfg_.dropout : 0.0f, mix_seed(dropout_seed, 0),
                                    drop ? (state ? &state->in_keep : &keep) : nullptr, h0,
-                                   state ? &state->in_xhat : nullptr, state ? &state->in_rstd : nullptr);
+                                   state ? &state->in_xhat : nullptr, state ? &state->in_rstd : nullptr,
+                                   fused_simple() && layers > 0 ? &sums[0] : nullptr);
+    if (fused_simple() && layers > 0) in_sums = &sums[0];
     if (state && !drop) state->in_keep.clear();
   } else {
     cpu::relu_inplace(h0);
@@ -341,8 +346,6 @@ void DIFFormer::forward(const ModelInput& in, bool training, std::uint64_t dropo
   }
   t_in.stop();
   if (hidden) hidden->assign(1, h0);
-  cpu::RowSums sums[2];  // G and u of the next layer's input, when the layer's tail summed them
-  const cpu::RowSums* in_sums = nullptr;
   for (int l = 0; l < layers; ++l) {
     cpu::RowSums* out_sums = l + 1 < layers ? &sums[(l + 1) % 2] : nullptr;
     const bool summed = layer_forward(l, in, h_at(l), training, dropout_seed, state ? &state->layers[l] : nullptr,
@@ -406,7 +409,7 @@ void DIFFormer::layer_backward(int l, const ModelInput& in, const Mat& h_in, Lay
     const std::function<void(Index, Index)> tail = [&](Index lo, Index hi) {
       const int t = omp_get_thread_num();
       cpu::dropout_layernorm_mix_bwd_rows(keep, cfg_.dropout, ls.xhat, ls.rstd, gamma, dh_out, scale, keep_in, d_o,
-                                          dh_in, dg[t].data(), db[t].data(), lo, hi, ids);
+                                          &dh_in, dg[t].data(), db[t].data(), lo, hi, ids);
     };
     const std::function<void(Index, Index)> graph = [&](Index lo, Index hi) {
       cpu::graph_prop_rows(in.graph->adj_t, d_o, dh_in, cg, true, lo, hi);
@@ -425,7 +428,7 @@ void DIFFormer::layer_backward(int l, const ModelInput& in, const Mat& h_in, Lay
   prof::Section t_tail("bwd.tail");
   if (cfg_.use_ln) {
     cpu::dropout_layernorm_mix_bwd(ls.keep.empty() ? nullptr : &ls.keep, cfg_.dropout, ls.xhat, ls.rstd,
-                                   params.ptr(s.ln_g), dh_out, scale, keep_in, d_o, dh_in, params.grad_ptr(s.ln_g),
+                                   params.ptr(s.ln_g), dh_out, scale, keep_in, d_o, &dh_in, params.grad_ptr(s.ln_g),
                                    params.grad_ptr(s.ln_b));
   } else {
     if (!ls.keep.empty()) cpu::dropout_bwd(dh_out, cfg_.dropout, ls.keep);
@@ -570,16 +573,18 @@ void DIFFormer::backward(const ModelInput& in, ForwardState& state, const Mat& d
     std::swap(dh, dh_prev);
   }
   prof::Section t_in("bwd.input");
-  if (!state.in_keep.empty()) cpu::dropout_bwd(dh, cfg_.dropout, state.in_keep);
   // ReLU backward from its (post-dropout) output: dropped entries already have zero gradient,
   // and a kept entry is positive exactly when the ReLU output was.
-  cpu::relu_bwd_inplace(state.hidden[0], dh);
   Mat dx1;
-  if (cfg_.use_ln)
-    cpu::layernorm_bwd(state.in_xhat, state.in_rstd, params.ptr(ln_in_g_), dh, dx1, params.grad_ptr(ln_in_g_),
-                       params.grad_ptr(ln_in_b_));
-  else
+  if (cfg_.use_ln) {  // dropout, ReLU and LayerNorm backward in one row pass
+    cpu::dropout_layernorm_mix_bwd(state.in_keep.empty() ? nullptr : &state.in_keep, cfg_.dropout, state.in_xhat,
+                                   state.in_rstd, params.ptr(ln_in_g_), dh, 1.0f, 0.0f, dx1, nullptr,
+                                   params.grad_ptr(ln_in_g_), params.grad_ptr(ln_in_b_), &state.hidden[0]);
+  } else {
+    if (!state.in_keep.empty()) cpu::dropout_bwd(dh, cfg_.dropout, state.in_keep);
+    cpu::relu_bwd_inplace(state.hidden[0], dh);
     dx1 = std::move(dh);
+  }
   if (in.dense) {
     cpu::linear_bwd(*in.dense, params.mat(fc_in_w_), dx1, nullptr, params.grad_mat(fc_in_w_),
                     params.grad_ptr(fc_in_b_));

@@ -170,8 +170,11 @@ struct MixInputs {
   float cg = 1.0f;
   bool relu = false;  // y = relu(LayerNorm(z)) before dropout (the input block)
 };
+// sums, when given, receives G and u of y (see RowSums, declared below), summed while in cache.
+class RowSums;
 void mix_layernorm_dropout_fwd(const MixInputs& m, const float* gamma, const float* beta, float eps, float p,
-                               std::uint64_t seed, std::vector<std::uint8_t>* keep, Mat& y, Mat* xhat, Vec* rstd);
+                               std::uint64_t seed, std::vector<std::uint8_t>* keep, Mat& y, Mat* xhat, Vec* rstd,
+                               RowSums* sums = nullptr);
 // The same on rows [lo, hi) only, serially (to run inside a caller's parallel region): y, xhat,
 // rstd and keep (flat, n*D bytes, or null) must already be sized. With row_ids, on rows
 // row_ids[lo .. hi) instead (each once).
@@ -179,18 +182,20 @@ void mix_layernorm_dropout_rows(const MixInputs& m, const float* gamma, const fl
                                 std::uint64_t seed, std::uint8_t* keep, Mat& y, Mat* xhat, Vec* rstd, Index lo,
                                 Index hi, const Index* row_ids = nullptr);
 // Its backward through dropout (when keep is given), LayerNorm and the residual mix:
-//   dz = LayerNorm_bwd(dropout_bwd(dy)),  d_o = scale * dz,  dh_in = keep_in * dz  (both overwritten),
-// dgamma, dbeta accumulated.
+//   dz = LayerNorm_bwd(dropout_bwd(dy)),  d_o = scale * dz,  dh_in = keep_in * dz  (both overwritten;
+// dh_in may be null), dgamma, dbeta accumulated. relu_out, when given, is the forward's output y
+// with a ReLU between LayerNorm and dropout (the input block): the gradient passes where y > 0
+// (a dropped entry has none anyway).
 void dropout_layernorm_mix_bwd(const std::vector<std::uint8_t>* keep, float p, const Mat& xhat, const Vec& rstd,
-                               const float* gamma, const Mat& dy, float scale, float keep_in, Mat& d_o, Mat& dh_in,
-                               float* dgamma, float* dbeta);
+                               const float* gamma, const Mat& dy, float scale, float keep_in, Mat& d_o, Mat* dh_in,
+                               float* dgamma, float* dbeta, const Mat* relu_out = nullptr);
 // The same on rows [lo, hi) only, serially: d_o and dh_in sized, keep flat (n*D bytes) or null,
 // dgamma and dbeta accumulated (the caller's per-thread partials). With row_ids, on rows
 // row_ids[lo .. hi) instead.
 void dropout_layernorm_mix_bwd_rows(const std::uint8_t* keep, float p, const Mat& xhat, const Vec& rstd,
                                     const float* gamma, const Mat& dy, float scale, float keep_in, Mat& d_o,
-                                    Mat& dh_in, float* dgamma, float* dbeta, Index lo, Index hi,
-                                    const Index* row_ids = nullptr);
+                                    Mat* dh_in, float* dgamma, float* dbeta, Index lo, Index hi,
+                                    const Index* row_ids = nullptr, const Mat* relu_out = nullptr);
 // out = a^T b for tall a [N, p], b [N, q], split over threads by rows (Eigen's GEMM would only
 // split the small p x q output).
 void tn_product(CMatRef a, CMatRef b, Mat& out);

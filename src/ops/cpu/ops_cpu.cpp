@@ -685,25 +685,35 @@ void mix_layernorm_dropout_rows(const MixInputs& m, const float* gamma, const fl
 }
 
 void mix_layernorm_dropout_fwd(const MixInputs& m, const float* gamma, const float* beta, float eps, float p,
-                               std::uint64_t seed, std::vector<std::uint8_t>* keep, Mat& y, Mat* xhat, Vec* rstd) {
+                               std::uint64_t seed, std::vector<std::uint8_t>* keep, Mat& y, Mat* xhat, Vec* rstd,
+                               RowSums* sums) {
   const Index n = m.h_in->rows(), d = m.h_in->cols();
   y.resize(n, d);
   if (xhat) xhat->resize(n, d);
   if (rstd) rstd->resize(n);
   if (keep) keep->resize(static_cast<size_t>(n * d));
   std::uint8_t* pk = keep ? keep->data() : nullptr;
+  if (sums) sums->start(d, omp_get_max_threads());
 #pragma omp parallel if (n * d > 16384)
   {
     const Index t = omp_get_thread_num(), nt = omp_get_num_threads();
-    mix_layernorm_dropout_rows(m, gamma, beta, eps, p, seed, pk, y, xhat, rstd, n * t / nt, n * (t + 1) / nt);
+    const Index lo = n * t / nt, hi = n * (t + 1) / nt;
+    constexpr Index kRows = 256;  // summed while in cache
+    for (Index r0 = lo; r0 < hi; r0 += kRows) {
+      const Index r1 = std::min(hi, r0 + kRows);
+      mix_layernorm_dropout_rows(m, gamma, beta, eps, p, seed, pk, y, xhat, rstd, r0, r1);
+      if (sums) sums->add(static_cast<int>(t), y, r0, r1);
+    }
   }
+  if (sums) sums->finish();
 }
 
 void dropout_layernorm_mix_bwd_rows(const std::uint8_t* keep, float p, const Mat& xhat, const Vec& rstd,
                                     const float* gamma, const Mat& dy, float scale, float keep_in, Mat& d_o,
-                                    Mat& dh_in, float* dgamma, float* dbeta, Index lo, Index hi,
-                                    const Index* row_ids) {
+                                    Mat* dh_in, float* dgamma, float* dbeta, Index lo, Index hi,
+                                    const Index* row_ids, const Mat* relu_out) {
   const Index d = xhat.cols();
+  const float* pro = relu_out ? relu_out->data() : nullptr;
   const float dscale = p < 1.0f ? 1.0f / (1.0f - p) : 0.0f;
   const float fd = static_cast<float>(d);
   std::vector<float> buf(static_cast<size_t>(2 * d));
@@ -724,6 +734,7 @@ void dropout_layernorm_mix_bwd_rows(const std::uint8_t* keep, float p, const Mat
       for (int b = 0; b < B; ++b) {
         gv[b] = load8(dyi + 8 * b);
         if (keep) gv[b] = load_keep8(keep + i * d + 8 * b) ? gv[b] * dscale : v8f{};
+        if (pro) gv[b] = load8(pro + i * d + 8 * b) > 0.0f ? gv[b] : v8f{};
         xv[b] = load8(xi + 8 * b);
         gyv[b] = gv[b] * load8(gamma + 8 * b);
         sg += gyv[b];
@@ -733,11 +744,11 @@ void dropout_layernorm_mix_bwd_rows(const std::uint8_t* keep, float p, const Mat
       }
       const float mean_g = hsum8(sg) / fd, mean_gx = hsum8(sgx) / fd, r = rstd[i];
       float* oi = d_o.data() + i * d;
-      float* dhi = dh_in.data() + i * d;
+      float* dhi = dh_in ? dh_in->data() + i * d : nullptr;
       for (int b = 0; b < B; ++b) {
         const v8f dz = r * (gyv[b] - mean_g - xv[b] * mean_gx);
         store8(oi + 8 * b, scale * dz);
-        store8(dhi + 8 * b, keep_in * dz);
+        if (dhi) store8(dhi + 8 * b, keep_in * dz);
       }
     }
     for (int b = 0; b < B; ++b) {
@@ -757,6 +768,8 @@ void dropout_layernorm_mix_bwd_rows(const std::uint8_t* keep, float p, const Mat
 #pragma omp simd
         for (Index c = 0; c < d; ++c) g[c] = dyi[c];
       }
+      if (pro)
+        for (Index c = 0; c < d; ++c) g[c] = pro[i * d + c] > 0.0f ? g[c] : 0.0f;
       float sg = 0.0f, sgx = 0.0f;
 #pragma omp simd reduction(+ : sg, sgx)
       for (Index c = 0; c < d; ++c) {
@@ -768,30 +781,30 @@ void dropout_layernorm_mix_bwd_rows(const std::uint8_t* keep, float p, const Mat
       }
       const float mean_g = sg / fd, mean_gx = sgx / fd, r = rstd[i];
       float* oi = d_o.data() + i * d;
-      float* dhi = dh_in.data() + i * d;
+      float* dhi = dh_in ? dh_in->data() + i * d : nullptr;
 #pragma omp simd
-      for (Index c = 0; c < d; ++c) {
-        const float dz = r * (gy[c] - mean_g - xi[c] * mean_gx);
-        oi[c] = scale * dz;
-        dhi[c] = keep_in * dz;
-      }
+      for (Index c = 0; c < d; ++c) oi[c] = scale * r * (gy[c] - mean_g - xi[c] * mean_gx);
+      if (dhi)
+#pragma omp simd
+        for (Index c = 0; c < d; ++c) dhi[c] = keep_in * r * (gy[c] - mean_g - xi[c] * mean_gx);
     }
   }
 }
 
 void dropout_layernorm_mix_bwd(const std::vector<std::uint8_t>* keep, float p, const Mat& xhat, const Vec& rstd,
-                               const float* gamma, const Mat& dy, float scale, float keep_in, Mat& d_o, Mat& dh_in,
-                               float* dgamma, float* dbeta) {
+                               const float* gamma, const Mat& dy, float scale, float keep_in, Mat& d_o, Mat* dh_in,
+                               float* dgamma, float* dbeta, const Mat* relu_out) {
   const Index n = xhat.rows(), d = xhat.cols();
   d_o.resize(n, d);
-  dh_in.resize(n, d);
+  if (dh_in) dh_in->resize(n, d);
   const int threads = n * d > 16384 ? omp_get_max_threads() : 1;
   std::vector<Vec> dg(threads, Vec::Zero(d)), dbt(threads, Vec::Zero(d));
 #pragma omp parallel num_threads(threads)
   {
     const int t = omp_get_thread_num();
     dropout_layernorm_mix_bwd_rows(keep ? keep->data() : nullptr, p, xhat, rstd, gamma, dy, scale, keep_in, d_o, dh_in,
-                                   dg[t].data(), dbt[t].data(), n * t / threads, n * (t + 1) / threads);
+                                   dg[t].data(), dbt[t].data(), n * t / threads, n * (t + 1) / threads, nullptr,
+                                   relu_out);
   }
   VecMap dgm(dgamma, d), dbm(dbeta, d);
   for (int t = 0; t < threads; ++t) {

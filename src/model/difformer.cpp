@@ -293,8 +293,10 @@ void DIFFormer::forward(const ModelInput& in, bool training, std::uint64_t dropo
   DFM_CHECK(!in.graph || in.graph->nodes() == in.rows(), "model: graph has ", in.graph ? in.graph->nodes() : 0,
             " nodes but the input has ", in.rows(), " rows");
   const int layers = cfg_.layers;
-  // Only `rows` of the logits needed: the last layer and the output map run on them alone.
-  const std::vector<Index>* last_rows = rows && !hidden && layers > 0 && fused_layer() ? rows : nullptr;
+  // Only `rows` of the logits needed: the last layer and the output map run on them alone. (An
+  // empty list runs everything: state->rows empty means all rows to backward.)
+  const std::vector<Index>* last_rows =
+      rows && !rows->empty() && !hidden && layers > 0 && fused_layer() ? rows : nullptr;
   if (last_rows)
     for (size_t k = 0; k < rows->size(); ++k)
       DFM_CHECK((*rows)[k] >= 0 && (*rows)[k] < in.rows() && (k == 0 || (*rows)[k] > (*rows)[k - 1]),

@@ -21,20 +21,37 @@ struct Case {
 
 class SimpleFused : public ::testing::TestWithParam<Case> {};
 
-TEST_P(SimpleFused, MatchesProjectThenAttend) {
-  const auto [n, d, heads, with_v] = GetParam();
-  std::mt19937_64 rng(42 + n);
-  std::normal_distribution<float> g(0.0f, 1.0f);
-  auto randm = [&](Index r, Index c, float scale) {
+// h [n, d] and the projections of `heads` heads, drawn from one seeded stream (randm draws more).
+struct RandomLayer {
+  std::mt19937_64 rng;
+  std::normal_distribution<float> g{0.0f, 1.0f};
+  Mat h, wq, wk, wv;
+  Vec bq, bk, bv;
+  RandomLayer(Index n, Index d, int heads, std::uint64_t seed) : rng(seed) {
+    h = randm(n, d, 1.0f);
+    wq = randm(heads * d, d, 0.3f);
+    wk = randm(heads * d, d, 0.3f);
+    bq = randm(heads * d, 1, 0.3f);
+    bk = randm(heads * d, 1, 0.3f);
+    wv = randm(heads * d, d, 0.3f);
+    bv = randm(heads * d, 1, 0.3f);
+  }
+  Mat randm(Index r, Index c, float scale) {
     Mat m(r, c);
     for (Index i = 0; i < m.size(); ++i) m.data()[i] = scale * g(rng);
     return m;
-  };
-  const Mat h = randm(n, d, 1.0f), wq = randm(heads * d, d, 0.3f), wk = randm(heads * d, d, 0.3f);
-  const Vec bq = randm(heads * d, 1, 0.3f), bk = randm(heads * d, 1, 0.3f);
-  const Mat wv = randm(heads * d, d, 0.3f);
-  const Vec bv = randm(heads * d, 1, 0.3f);
-  const Mat da = randm(n, heads * d, 1.0f);
+  }
+  cpu::FoldedProjections projections(bool with_v) const {
+    return {wq.data(), bq.data(), wk.data(), bk.data(), with_v ? wv.data() : nullptr, with_v ? bv.data() : nullptr};
+  }
+};
+
+TEST_P(SimpleFused, MatchesProjectThenAttend) {
+  const auto [n, d, heads, with_v] = GetParam();
+  RandomLayer r(n, d, heads, 42 + n);
+  const Mat &h = r.h, &wq = r.wq, &wk = r.wk, &wv = r.wv;
+  const Vec &bq = r.bq, &bk = r.bk, &bv = r.bv;
+  const Mat da = r.randm(n, heads * d, 1.0f);
 
   // plain path in double: projections, reference attention, chain rule back through the linears
   const MatD hd = h.cast<double>(), wqd = wq.cast<double>(), wkd = wk.cast<double>();
@@ -65,8 +82,7 @@ TEST_P(SimpleFused, MatchesProjectThenAttend) {
   Vec dbq = Vec::Zero(heads * d), dbk = Vec::Zero(heads * d);
   Mat dwv = Mat::Zero(heads * d, d);
   Vec dbv = Vec::Zero(heads * d);
-  cpu::FoldedProjections w{wq.data(), bq.data(), wk.data(), bk.data(), with_v ? wv.data() : nullptr,
-                           with_v ? bv.data() : nullptr};
+  const cpu::FoldedProjections w = r.projections(with_v);
   cpu::FoldedGrads grads{dwq.data(), dbq.data(), dwk.data(), dbk.data(), dwv.data(), dbv.data()};
   cpu::simple_attn_fused_fwd(h, w, heads, a, st);
   cpu::simple_attn_fused_bwd(h, w, heads, a, st, da, dh, grads);
@@ -87,24 +103,14 @@ TEST_P(SimpleFused, MatchesProjectThenAttend) {
 // double reference above) on the same da: a on the rows, dh on every row, every gradient.
 TEST_P(SimpleFused, RowsOnlyMatchesFullKernel) {
   const auto [n, d, heads, with_v] = GetParam();
-  std::mt19937_64 rng(7 + n);
-  std::normal_distribution<float> g(0.0f, 1.0f);
-  auto randm = [&](Index r, Index c, float scale) {
-    Mat m(r, c);
-    for (Index i = 0; i < m.size(); ++i) m.data()[i] = scale * g(rng);
-    return m;
-  };
-  const Mat h = randm(n, d, 1.0f), wq = randm(heads * d, d, 0.3f), wk = randm(heads * d, d, 0.3f);
-  const Vec bq = randm(heads * d, 1, 0.3f), bk = randm(heads * d, 1, 0.3f);
-  const Mat wv = randm(heads * d, d, 0.3f);
-  const Vec bv = randm(heads * d, 1, 0.3f);
+  RandomLayer layer(n, d, heads, 7 + n);
+  const Mat& h = layer.h;
   std::vector<Index> rows;
   for (Index i = 0; i < n; ++i)
     if (i % 3 == 1 || i == n - 1) rows.push_back(i);
   Mat da = Mat::Zero(n, heads * d);
-  da(rows, Eigen::placeholders::all) = randm(static_cast<Index>(rows.size()), heads * d, 1.0f);
-  const cpu::FoldedProjections w{wq.data(), bq.data(), wk.data(), bk.data(), with_v ? wv.data() : nullptr,
-                                 with_v ? bv.data() : nullptr};
+  da(rows, Eigen::placeholders::all) = layer.randm(static_cast<Index>(rows.size()), heads * d, 1.0f);
+  const cpu::FoldedProjections w = layer.projections(with_v);
   Mat a[2], dh[2], dwq[2], dwk[2], dwv[2];
   Vec dbq[2], dbk[2], dbv[2];
   for (int only = 0; only < 2; ++only) {

@@ -109,7 +109,7 @@ TEST_P(SimpleFused, RowsOnlyMatchesFullKernel) {
   for (Index i = 0; i < n; ++i)
     if (i % 3 == 1 || i == n - 1) rows.push_back(i);
   Mat da = Mat::Zero(n, heads * d);
-  da(rows, Eigen::placeholders::all) = layer.randm(static_cast<Index>(rows.size()), heads * d, 1.0f);
+  da(rows, Eigen::all) = layer.randm(static_cast<Index>(rows.size()), heads * d, 1.0f);
   const cpu::FoldedProjections w = layer.projections(with_v);
   Mat a[2], dh[2], dwq[2], dwk[2], dwv[2];
   Vec dbq[2], dbk[2], dbv[2];
@@ -124,7 +124,7 @@ TEST_P(SimpleFused, RowsOnlyMatchesFullKernel) {
     dh[only] = Mat::Zero(n, d);
     cpu::simple_attn_fused_bwd(h, w, heads, a[only], st, da, dh[only], grads, true, nullptr, nullptr, r);
   }
-  const Mat a_rows = a[0](rows, Eigen::placeholders::all), a_rows_only = a[1](rows, Eigen::placeholders::all);
+  const Mat a_rows = a[0](rows, Eigen::all), a_rows_only = a[1](rows, Eigen::all);
   EXPECT_LE(test::rel_err(a_rows_only, a_rows), 1e-6);
   EXPECT_LE(test::rel_err(dh[1], dh[0]), 1e-6);
   EXPECT_LE(test::rel_err(dwq[1], dwq[0]), 1e-4);  // as against the reference
@@ -249,11 +249,13 @@ TEST(SimpleFusedModel, LogitsOnChosenRowsMatchFullForward) {
         model.backward(in, st, dl);
         grads[subset] = model.params.grads;
       }
-      const Mat on_rows = logits[0](rows, Eigen::placeholders::all), on_rows_subset = logits[1](rows, Eigen::placeholders::all);
+      const Mat on_rows = logits[0](rows, Eigen::all), on_rows_subset = logits[1](rows, Eigen::all);
       EXPECT_LE(test::rel_err(on_rows_subset, on_rows), 1e-6) << "variant " << variant << " training " << training;
       Mat off_rows = logits[1];
-      off_rows(rows, Eigen::placeholders::all).setZero();
-      if (variant < 2) EXPECT_EQ(off_rows.cwiseAbs().maxCoeff(), 0.0f) << "variant " << variant;
+      off_rows(rows, Eigen::all).setZero();
+      if (variant < 2) {
+        EXPECT_EQ(off_rows.cwiseAbs().maxCoeff(), 0.0f) << "variant " << variant;
+      }
       const Eigen::Map<const Vec> g0(grads[0].data(), grads[0].size()), g1(grads[1].data(), grads[1].size());
       EXPECT_GT(g0.norm(), 0.0f);
       EXPECT_LE(test::rel_err(g1, g0), 1e-5) << "variant " << variant << " training " << training;

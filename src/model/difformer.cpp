@@ -358,11 +358,11 @@ void DIFFormer::forward(const ModelInput& in, bool training, std::uint64_t dropo
   prof::Section t_out("fwd.output");
   if (last_rows) {
     const Mat& h = h_at(layers);
-    const Mat h_rows = h(*last_rows, Eigen::placeholders::all);
+    const Mat h_rows = h(*last_rows, Eigen::all);
     Mat logits_rows;
     cpu::linear_fwd(h_rows, params.mat(fc_out_w_), params.ptr(fc_out_b_), logits_rows);
     logits.setZero(h.rows(), logits_rows.cols());
-    logits(*last_rows, Eigen::placeholders::all) = logits_rows;
+    logits(*last_rows, Eigen::all) = logits_rows;
   } else {
     cpu::linear_fwd(h_at(layers), params.mat(fc_out_w_), params.ptr(fc_out_b_), logits);
   }
@@ -391,7 +391,7 @@ void DIFFormer::layer_backward(int l, const ModelInput& in, const Mat& h_in, Lay
   const float keep_in = cfg_.use_residual ? 1.0f - cfg_.alpha : 0.0f, scale = cfg_.use_residual ? cfg_.alpha : 1.0f;
   Mat& d_o = scratch_o_;
   const float wa = ca / heads;
-  if (cfg_.use_ln && attention && fused_simple() && heads == 1 && wa == 1.0f && !cfg_.use_weight) {
+  if (fused_layer()) {
     // One pass pair over the rows: each thread runs the tail's backward on its rows right before
     // the attention reads them (da = d_o), and adds the graph term to its rows of dh_in right
     // after the attention's row maps wrote them.
@@ -558,13 +558,13 @@ void DIFFormer::backward(const ModelInput& in, ForwardState& state, const Mat& d
   prof::Section t_out("bwd.output");
   const std::vector<Index>* last_rows = state.rows.empty() ? nullptr : &state.rows;
   if (last_rows) {  // h_L and the logits exist on these rows only (dlogits is zero elsewhere)
-    const Mat h_rows = state.hidden[layers](*last_rows, Eigen::placeholders::all);
-    const Mat dlogits_rows = dlogits(*last_rows, Eigen::placeholders::all);
+    const Mat h_rows = state.hidden[layers](*last_rows, Eigen::all);
+    const Mat dlogits_rows = dlogits(*last_rows, Eigen::all);
     Mat dh_rows;
     cpu::linear_bwd(h_rows, params.mat(fc_out_w_), dlogits_rows, &dh_rows, params.grad_mat(fc_out_w_),
                     params.grad_ptr(fc_out_b_));
     dh.resize(state.hidden[layers].rows(), dh_rows.cols());  // read on last_rows only
-    dh(*last_rows, Eigen::placeholders::all) = dh_rows;
+    dh(*last_rows, Eigen::all) = dh_rows;
   } else {
     cpu::linear_bwd(state.hidden[layers], params.mat(fc_out_w_), dlogits, &dh, params.grad_mat(fc_out_w_),
                     params.grad_ptr(fc_out_b_));

@@ -782,11 +782,11 @@ void dropout_layernorm_mix_bwd_rows(const std::uint8_t* keep, float p, const Mat
       const float mean_g = sg / fd, mean_gx = sgx / fd, r = rstd[i];
       float* oi = d_o.data() + i * d;
       float* dhi = dh_in ? dh_in->data() + i * d : nullptr;
-#pragma omp simd
-      for (Index c = 0; c < d; ++c) oi[c] = scale * r * (gy[c] - mean_g - xi[c] * mean_gx);
-      if (dhi)
-#pragma omp simd
-        for (Index c = 0; c < d; ++c) dhi[c] = keep_in * r * (gy[c] - mean_g - xi[c] * mean_gx);
+      for (Index c = 0; c < d; ++c) {
+        const float dz = r * (gy[c] - mean_g - xi[c] * mean_gx);
+        oi[c] = scale * dz;
+        if (dhi) dhi[c] = keep_in * dz;
+      }
     }
   }
 }

@@ -54,6 +54,12 @@ Mat nn(const blas::ConstMatRef& a, const blas::ConstMatRef& b) {
   return c;
 }
 
+// out = rows ids[0 .. m) of h (the rows-only mode's blocks of h, for the row maps).
+void gather_rows(const Mat& h, const Index* ids, Index m, Mat& out) {
+  out.resize(m, h.cols());
+  for (Index k = 0; k < m; ++k) out.row(k) = h.row(ids[k]);
+}
+
 }  // namespace
 
 void RowSums::start(Index d, int threads) {
@@ -107,9 +113,10 @@ void simple_attn_fused_fwd(const Mat& h, const FoldedProjections& w, int heads, 
   DFM_ASSERT(st.gram.rows() == d && st.u.size() == d);
   p_gram.stop();
   prof::Section p_small("fused_fwd.dxd");
-  // W_q G and W_k G (the norms need both, the K side is reused for K^T V below). The D x D algebra
-  // runs on this thread alone: an OpenMP fork/join would cost more than its products, and on a
-  // shared machine it stalls whenever the other core is busy.
+  // W_q G and W_k G (the norms need both, the K side is reused for K^T V below). The forward's
+  // D x D algebra runs on this thread alone: its products take about 7 us each, so splitting them
+  // would save a few us against a 2 us fork/join that stalls whenever the other core is busy
+  // (the backward's two 50 us groups do run one per thread).
   st.wqg = nn(v.wq, st.gram);
   st.wkg = nn(v.wk, st.gram);
   const Mat &wqg = st.wqg, &wkg = st.wkg;
@@ -163,9 +170,8 @@ void simple_attn_fused_fwd(const Mat& h, const FoldedProjections& w, int heads, 
     for (Index r0 = lo; r0 < hi; r0 += kRows) {
       const Index m = std::min(kRows, hi - r0);
       y.resize(m, b.cols());
-      if (ids) {  // the block's rows of h, gathered
-        hb.resize(m, d);
-        for (Index k = 0; k < m; ++k) hb.row(k) = h.row(ids[r0 + k]);
+      if (ids) {
+        gather_rows(h, ids + r0, m, hb);
         skinny::gemm_nn(hb, b, y);
       } else {
         skinny::gemm_nn(h.middleRows(r0, m), b, y);
@@ -221,8 +227,8 @@ void simple_attn_fused_bwd(const Mat& h, const FoldedProjections& w, int heads, 
     t_part[th].setZero(hd + heads);
     if (hi > lo) {
       if (ids) {
-        Mat hb(hi - lo, d);
-        for (Index k = lo; k < hi; ++k) hb.row(k - lo) = h.row(ids[k]);
+        Mat hb;
+        gather_rows(h, ids + lo, hi - lo, hb);
         blas::gemm(hb, true, x.middleRows(lo, hi - lo), false, s_part[th]);
       } else {
         blas::gemm(h.middleRows(lo, hi - lo), true, x.middleRows(lo, hi - lo), false, s_part[th]);

@@ -13,6 +13,7 @@ struct TrainFlags {
   std::string init_path;  // --init: every run starts from these weights instead of a random init
   std::string data, split = "random", splits_file, json_out, device = "cpu", precision = "fp32";
   std::string preset, data_dir = "data", task = "auto", knn_metric = "euclidean";
+  std::string rng = "default";  // default | torch (PyTorch's CPU stream for init and dropout)
   int first_run = 0;  // runs first_run .. first_run + runs - 1 (to split one protocol over processes)
   int epochs = 500, runs = 5, threads = 0, eval_every = 1, per_class = 20, val = 500, test = 1000;
   int knn = 0;        // 0: no kNN graph

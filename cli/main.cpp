@@ -44,6 +44,12 @@ int main(int argc, char** argv) {
                     "processes gives exactly the runs of a single invocation")
       ->capture_default_str();
   train->add_option("--seed", tf.seed, "base seed (split, initialisation, dropout)")->capture_default_str();
+  train->add_option("--rng", tf.rng,
+                    "default: seeded std::mt19937_64 initialisation and counter-hash dropout masks (the same whatever "
+                    "the thread count or device); torch: PyTorch's CPU generator, so that run r starts from the "
+                    "weights and drops the units of the PyTorch reference run after torch.manual_seed(seed + r) "
+                    "(CPU only)")
+      ->capture_default_str();
   train->add_option("--split", tf.split, "random (per class) or public (the file's train/val/test_idx)")
       ->capture_default_str();
   train->add_option("--splits", tf.splits_file, "split file with [R, n] train_idx/val_idx/test_idx; run r uses row r");

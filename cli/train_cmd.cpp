@@ -13,6 +13,7 @@
 #include <cstdio>
 #include <limits>
 #include <numeric>
+#include <optional>
 #include <random>
 
 #include "cli/commands.hpp"
@@ -20,6 +21,7 @@
 #include "core/context.hpp"
 #include "core/error.hpp"
 #include "core/memory.hpp"
+#include "core/torch_rng.hpp"
 #include "data/dataset.hpp"
 #include "data/knn.hpp"
 #include "data/temporal_data.hpp"
@@ -73,6 +75,7 @@ json settings_json(const TrainFlags& f) {
               {"paper_mse_loss", f.paper_mse},
               {"eval_every", f.eval_every},
               {"init", f.init_path},
+              {"rng", f.rng},
               {"set_by_user", f.from_user},
               {"set_by_preset", f.from_preset},
               {"set_by_task_default", f.from_task_default}};
@@ -92,13 +95,17 @@ FloatBuffer init_file_weights(const TrainFlags& f, const ModelConfig& cfg) {
   return model.params.values;
 }
 // A run's starting weights: the --init file's, else the seeded PyTorch-default initialisation.
-void start_weights(DIFFormer& model, std::uint64_t seed, const FloatBuffer& from_file) {
-  if (!from_file.empty()) {
-    model.params.values = from_file;
-    return;
+// torch (--rng torch): the initialisation is drawn from this stream, as the reference module's
+// construction draws it, even under --init (the reference run loads its state_dict after
+// construction, so its dropout masks come after those draws).
+void start_weights(DIFFormer& model, std::uint64_t seed, const FloatBuffer& from_file, TorchCpuGenerator* torch) {
+  if (torch) {
+    model.init_torch(*torch);
+  } else if (from_file.empty()) {
+    std::mt19937_64 rng(seed);
+    model.init(rng);
   }
-  std::mt19937_64 rng(seed);
-  model.init(rng);
+  if (!from_file.empty()) model.params.values = from_file;
 }
 
 int train_classification(const TrainFlags& f, const ModelFlags& mf) {
@@ -168,10 +175,12 @@ int train_classification(const TrainFlags& f, const ModelFlags& mf) {
       split_name = "random (seed " + std::to_string(split_seed) + ")";
     }
     DIFFormer model(cfg);
-    start_weights(model, seed, init_weights);
+    std::optional<TorchCpuGenerator> torch;
+    if (f.rng == "torch") torch.emplace(seed);
+    start_weights(model, seed, init_weights, torch ? &*torch : nullptr);
     // The same initial weights, dropout masks and protocol on either device.
     auto backend = gpu ? make_cuda_backend(model, in, d.y, split, opt.adam, f.precision)
-                       : make_cpu_backend(model, in, d.y, split, opt.adam);
+                       : make_cpu_backend(model, in, d.y, split, opt.adam, torch ? &*torch : nullptr);
     const RunResult res = train_node_classifier(*backend, d.y, split, opt, seed);
     backend.reset();  // frees the device memory before the next run
     peak_device = std::max(peak_device, res.peak_device_bytes);
@@ -282,8 +291,10 @@ int train_temporal_task(const TrainFlags& f, const ModelFlags& mf) {
   for (int r = f.first_run; r < f.first_run + f.runs; ++r) {
     const std::uint64_t seed = f.seed + static_cast<std::uint64_t>(r);
     DIFFormer model(cfg);
-    start_weights(model, seed, init_weights);
-    const TemporalRunResult res = train_temporal(model, in, d.y, split, opt, seed);
+    std::optional<TorchCpuGenerator> torch;
+    if (f.rng == "torch") torch.emplace(seed);
+    start_weights(model, seed, init_weights, torch ? &*torch : nullptr);
+    const TemporalRunResult res = train_temporal(model, in, d.y, split, opt, seed, {}, torch ? &*torch : nullptr);
     const double crit = opt.paper_mse_loss ? res.val.paper_mse : res.val.mse;
     if (!f.save_path.empty() && crit < best_val) {  // --save keeps the best run (its best-validation weights)
       best_val = crit;
@@ -413,6 +424,9 @@ void configure_train(CLI::App* train, TrainFlags& f) {
 int run_train(const TrainFlags& f, const ModelFlags& mf) {
   DFM_CHECK(f.device == "cpu" || f.device == "cuda", "--device: expected cpu or cuda, got '", f.device, "'");
   validate_precision(f.device, f.precision);
+  DFM_CHECK(f.rng == "default" || f.rng == "torch", "--rng: expected default or torch, got '", f.rng, "'");
+  DFM_CHECK(f.rng != "torch" || f.device == "cpu", "--rng torch reproduces PyTorch's CPU generator and runs on the CPU "
+            "engine only (use --device cpu)");
   DFM_CHECK(f.device != "cuda" || f.task != "temporal", "--device cuda: temporal task not supported yet (use --device "
             "cpu)");
   if (f.device == "cuda") cuda::require();

@@ -117,10 +117,31 @@ void DIFFormer::init(std::mt19937_64& rng) {
   uniform(fc_out_w_, fc_out_b_, cfg_.hidden);
 }
 
+void DIFFormer::init_torch(TorchCpuGenerator& gen) {
+  auto linear = [&](int w, int b) {
+    const ParamSlot& slot = params.slots[w];
+    gen.linear_init(params.ptr(w), params.ptr(b), slot.rows, slot.cols);
+  };
+  auto layernorm = [&](int g, int b) {
+    params.mat(g).setOnes();
+    params.mat(b).setZero();
+  };
+  linear(fc_in_w_, fc_in_b_);
+  layernorm(ln_in_g_, ln_in_b_);
+  for (auto& s : layer_slots_) {
+    linear(s.wk, s.bk);
+    linear(s.wq, s.bq);
+    if (cfg_.use_weight) linear(s.wv, s.bv);
+    layernorm(s.ln_g, s.ln_b);
+  }
+  linear(fc_out_w_, fc_out_b_);
+}
+
 bool DIFFormer::layer_forward(int l, const ModelInput& in, const Mat& h_in, bool training, std::uint64_t seed,
                               LayerState* ls, Mat& h_out, const cpu::RowSums* in_sums, cpu::RowSums* out_sums,
-                              const std::vector<Index>* rows) {
+                              const std::vector<Index>* rows, bool masks_given) {
   DFM_ASSERT(!rows || (fused_layer() && !out_sums));
+  DFM_ASSERT(!masks_given || (ls && !out_sums && ls->keep.size() == static_cast<size_t>(h_in.rows() * cfg_.hidden)));
   const LayerSlots& s = layer_slots_[l];
   const Index n = h_in.rows(), d = cfg_.hidden;
   const int heads = cfg_.heads, vheads = value_heads();
@@ -148,7 +169,7 @@ bool DIFFormer::layer_forward(int l, const ModelInput& in, const Mat& h_in, bool
     if (cfg_.use_ln && !cfg_.use_weight) {
       DFM_CHECK(!cfg_.use_graph || in.graph,
                 "model: use_graph is on but the input has no graph (pass --no-graph or a file with edge_index)");
-      const bool drop = training && cfg_.dropout > 0;
+      const bool drop = training && cfg_.dropout > 0, draw = drop && !masks_given;
       cpu::MixInputs m;
       m.h_in = &h_in;
       m.keep_in = cfg_.use_residual ? 1.0f - cfg_.alpha : 0.0f;
@@ -167,10 +188,10 @@ bool DIFFormer::layer_forward(int l, const ModelInput& in, const Mat& h_in, bool
       if (xhat) xhat->resize(n, d);
       if (rstd) rstd->resize(n);
       std::vector<std::uint8_t> local_keep;
-      std::vector<std::uint8_t>* keep = drop ? (ls ? &ls->keep : &local_keep) : nullptr;
+      std::vector<std::uint8_t>* keep = draw ? (ls ? &ls->keep : &local_keep) : nullptr;
       if (keep) keep->resize(static_cast<size_t>(n * d));
       if (ls && !drop) ls->keep.clear();
-      const float p = drop ? cfg_.dropout : 0.0f;
+      const float p = draw ? cfg_.dropout : 0.0f;
       const std::uint64_t lseed = mix_seed(seed, l + 1);
       const float *gamma = params.ptr(s.ln_g), *beta = params.ptr(s.ln_b);
       std::uint8_t* pk = keep ? keep->data() : nullptr;
@@ -182,6 +203,7 @@ bool DIFFormer::layer_forward(int l, const ModelInput& in, const Mat& h_in, bool
       };
       cpu::simple_attn_fused_fwd(h_in, folded_projections(l), heads, a, ls ? ls->fused : local, &tail, in_sums,
                                  rows);
+      if (masks_given) cpu::dropout_apply(h_out, cfg_.dropout, ls->keep, rows);
       if (out_sums) out_sums->finish();
       return out_sums != nullptr;
     }
@@ -258,9 +280,11 @@ bool DIFFormer::layer_forward(int l, const ModelInput& in, const Mat& h_in, bool
       }
     }
     std::vector<std::uint8_t> local_keep;
-    cpu::mix_layernorm_dropout_fwd(m, params.ptr(s.ln_g), params.ptr(s.ln_b), kLayerNormEps, drop ? cfg_.dropout : 0.0f,
-                                   mix_seed(seed, l + 1), drop ? (ls ? &ls->keep : &local_keep) : nullptr, h_out,
+    const bool draw = drop && !masks_given;
+    cpu::mix_layernorm_dropout_fwd(m, params.ptr(s.ln_g), params.ptr(s.ln_b), kLayerNormEps, draw ? cfg_.dropout : 0.0f,
+                                   mix_seed(seed, l + 1), draw ? (ls ? &ls->keep : &local_keep) : nullptr, h_out,
                                    ls ? &ls->xhat : nullptr, ls ? &ls->rstd : nullptr);
+    if (masks_given) cpu::dropout_apply(h_out, cfg_.dropout, ls->keep);
     if (ls && !drop) ls->keep.clear();
     return false;
   }
@@ -276,7 +300,9 @@ bool DIFFormer::layer_forward(int l, const ModelInput& in, const Mat& h_in, bool
     if (cfg_.use_graph) zi += cg * g.row(i);
     zi = scale * zi + keep_in * h_in.row(i);
   }
-  if (drop) {
+  if (masks_given) {
+    cpu::dropout_apply(h_out, cfg_.dropout, ls->keep);
+  } else if (drop) {
     std::vector<std::uint8_t> local_keep;
     cpu::dropout_fwd(h_out, cfg_.dropout, mix_seed(seed, l + 1), ls ? ls->keep : local_keep);
   } else if (ls) {
@@ -311,6 +337,20 @@ void DIFFormer::forward(const ModelInput& in, bool training, std::uint64_t dropo
       state->rows.clear();
   }
   auto h_at = [&](int l) -> Mat& { return state ? state->hidden[l] : local[l % 2]; };
+  const bool drop = training && cfg_.dropout > 0;
+  // --rng torch: every site's mask is drawn now, in F.dropout's order (input block, then each
+  // layer); the sites apply them. The sums a layer's tail makes for the next layer would be taken
+  // before the mask, so they are not passed on then.
+  const bool given = drop && state && state->torch_dropout;
+  if (given) {
+    const Index nd = in.rows() * cfg_.hidden;
+    state->in_keep.resize(static_cast<size_t>(nd));
+    state->torch_dropout->dropout_keep(state->in_keep.data(), nd, cfg_.dropout);
+    for (auto& ls : state->layers) {
+      ls.keep.resize(static_cast<size_t>(nd));
+      state->torch_dropout->dropout_keep(ls.keep.data(), nd, cfg_.dropout);
+    }
+  }
 
   Mat& h0 = h_at(0);
   prof::Section t_in("fwd.input");
@@ -319,7 +359,6 @@ void DIFFormer::forward(const ModelInput& in, bool training, std::uint64_t dropo
     cpu::linear_fwd(*in.dense, params.mat(fc_in_w_), params.ptr(fc_in_b_), cfg_.use_ln ? x1 : h0);
   else
     cpu::linear_sparse_fwd(*in.sparse, params.mat(fc_in_w_), params.ptr(fc_in_b_), cfg_.use_ln ? x1 : h0);
-  const bool drop = training && cfg_.dropout > 0;
   cpu::RowSums sums[2];  // G and u of the next layer's input, when the previous tail summed them
   const cpu::RowSums* in_sums = nullptr;
   if (cfg_.use_ln) {  // LayerNorm, ReLU and dropout in one row pass (summing G and u of h_0 for
@@ -330,16 +369,20 @@ void DIFFormer::forward(const ModelInput& in, bool training, std::uint64_t dropo
     m.scale = 0.0f;
     m.relu = true;
     std::vector<std::uint8_t> keep;
+    const bool draw = drop && !given, summed = fused_simple() && layers > 0 && !given;
     cpu::mix_layernorm_dropout_fwd(m, params.ptr(ln_in_g_), params.ptr(ln_in_b_), kLayerNormEps,
-                                   drop ? cfg_.dropout : 0.0f, mix_seed(dropout_seed, 0),
-                                   drop ? (state ? &state->in_keep : &keep) : nullptr, h0,
+                                   draw ? cfg_.dropout : 0.0f, mix_seed(dropout_seed, 0),
+                                   draw ? (state ? &state->in_keep : &keep) : nullptr, h0,
                                    state ? &state->in_xhat : nullptr, state ? &state->in_rstd : nullptr,
-                                   fused_simple() && layers > 0 ? &sums[0] : nullptr);
-    if (fused_simple() && layers > 0) in_sums = &sums[0];
+                                   summed ? &sums[0] : nullptr);
+    if (given) cpu::dropout_apply(h0, cfg_.dropout, state->in_keep);
+    if (summed) in_sums = &sums[0];
     if (state && !drop) state->in_keep.clear();
   } else {
     cpu::relu_inplace(h0);
-    if (drop) {
+    if (given) {
+      cpu::dropout_apply(h0, cfg_.dropout, state->in_keep);
+    } else if (drop) {
       std::vector<std::uint8_t> keep;
       cpu::dropout_fwd(h0, cfg_.dropout, mix_seed(dropout_seed, 0), state ? state->in_keep : keep);
     } else if (state) {
@@ -349,9 +392,9 @@ void DIFFormer::forward(const ModelInput& in, bool training, std::uint64_t dropo
   t_in.stop();
   if (hidden) hidden->assign(1, h0);
   for (int l = 0; l < layers; ++l) {
-    cpu::RowSums* out_sums = l + 1 < layers ? &sums[(l + 1) % 2] : nullptr;
+    cpu::RowSums* out_sums = l + 1 < layers && !given ? &sums[(l + 1) % 2] : nullptr;
     const bool summed = layer_forward(l, in, h_at(l), training, dropout_seed, state ? &state->layers[l] : nullptr,
-                                      h_at(l + 1), in_sums, out_sums, l + 1 == layers ? last_rows : nullptr);
+                                      h_at(l + 1), in_sums, out_sums, l + 1 == layers ? last_rows : nullptr, given);
     in_sums = summed ? out_sums : nullptr;
     if (hidden) hidden->push_back(h_at(l + 1));
   }

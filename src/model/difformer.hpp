@@ -8,6 +8,7 @@
 #include <string>
 #include <vector>
 
+#include "core/torch_rng.hpp"
 #include "model/params.hpp"
 #include "ops/ops.hpp"
 
@@ -66,6 +67,10 @@ struct ForwardState {
   std::vector<Mat> hidden;  // h_0 .. h_L (after dropout)
   std::vector<LayerState> layers;
   std::vector<Index> rows;  // the rows the last layer and the logits were computed on (empty: all)
+  // --rng torch: when set, a training forward draws its dropout masks from this stream as
+  // F.dropout does (input block, then each layer, N x D each, at the start of the forward)
+  // instead of from the counter hash of the dropout seed.
+  TorchCpuGenerator* torch_dropout = nullptr;
 };
 
 class DIFFormer {
@@ -73,6 +78,10 @@ class DIFFormer {
   explicit DIFFormer(const ModelConfig& cfg);
   // PyTorch-default initialisation: Linear U(-1/sqrt(fan_in), 1/sqrt(fan_in)), LayerNorm 1 / 0.
   void init(std::mt19937_64& rng);
+  // The same distributions drawn from PyTorch's stream in the official module's creation order
+  // (fcs.0, bns.0, then per layer Wk, Wq[, Wv], bns.l+1, then fcs.1): after torch.manual_seed(s),
+  // the reference DIFFormer's initial weights exactly.
+  void init_torch(TorchCpuGenerator& gen);
 
   // logits [N, C]. training: dropout on (seeded by dropout_seed). state: saved for backward
   // (nullptr = inference, nothing kept). hidden: if given, receives h_0..h_L.
@@ -97,10 +106,12 @@ class DIFFormer {
   // holds h_in's G and u; out_sums, when given, may be filled with h_out's (returns whether it was:
   // the folded layer with the fused tail sums each block of h_out as it writes it).
   // rows (fused_layer() only): h_out is computed on those rows alone, the others left unspecified;
-  // backward then reads dh_out on those rows alone.
+  // backward then reads dh_out on those rows alone. masks_given: ls->keep holds this layer's
+  // dropout mask already (--rng torch); it is applied, not drawn.
   bool layer_forward(int l, const ModelInput& in, const Mat& h_in, bool training, std::uint64_t seed,
                      LayerState* ls, Mat& h_out, const cpu::RowSums* in_sums = nullptr,
-                     cpu::RowSums* out_sums = nullptr, const std::vector<Index>* rows = nullptr);
+                     cpu::RowSums* out_sums = nullptr, const std::vector<Index>* rows = nullptr,
+                     bool masks_given = false);
   void layer_backward(int l, const ModelInput& in, const Mat& h_in, LayerState& ls, Mat& dh_out, Mat& dh_in,
                       const std::vector<Index>* rows = nullptr);
   int value_heads() const { return cfg_.use_weight ? cfg_.heads : 1; }

@@ -133,6 +133,9 @@ inline std::uint32_t dropout_draw(std::uint64_t seed, std::uint64_t i) {
 inline std::uint32_t dropout_threshold(float p) {
   return static_cast<std::uint32_t>(std::ceil(static_cast<double>(p) * (1u << 24)));
 }
+// x *= keep / (1 - p): a mask drawn elsewhere (--rng torch) applied in the forward, and the
+// backward of dropout. rows, when given: on those rows only.
+void dropout_apply(Mat& x, float p, const std::vector<std::uint8_t>& keep, const std::vector<Index>* rows = nullptr);
 void dropout_bwd(Mat& dx, float p, const std::vector<std::uint8_t>& keep);
 
 void simple_attn_fwd(const Mat& q, const Mat& k, const Mat& v, int heads, QkNorm norm, Mat& a,

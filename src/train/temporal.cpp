@@ -51,7 +51,8 @@ SnapshotScores evaluate_snapshots(DIFFormer& model, const std::vector<ModelInput
 
 TemporalRunResult train_temporal(DIFFormer& model, const std::vector<ModelInput>& in, const std::vector<Mat>& y,
                                  const TemporalSplit& split, const TemporalOptions& opt, std::uint64_t seed,
-                                 const std::function<void(const TemporalEpochReport&)>& progress) {
+                                 const std::function<void(const TemporalEpochReport&)>& progress,
+                                 TorchCpuGenerator* torch_dropout) {
   using clock = std::chrono::steady_clock;
   DFM_CHECK(opt.epochs > 0, "--epochs must be positive (got ", opt.epochs, ")");
   DFM_CHECK(opt.patience > 0, "--patience must be positive (got ", opt.patience, ")");
@@ -62,6 +63,7 @@ TemporalRunResult train_temporal(DIFFormer& model, const std::vector<ModelInput>
   TemporalRunResult r;
   r.seed = seed;
   ForwardState state;
+  state.torch_dropout = torch_dropout;
   Mat out, dout;
   std::vector<std::int64_t> all_nodes;
   const float scale = opt.step_per_snapshot ? 1.0f : 1.0f / static_cast<float>(split.train.size());

@@ -57,9 +57,12 @@ struct TemporalRunResult {
 };
 
 // in[t] / y[t]: model input and target [N, 1] of snapshot t (inputs carry that snapshot's graph).
-// The model must be initialised; on return it holds the best-validation weights.
+// The model must be initialised; on return it holds the best-validation weights. torch_dropout
+// (--rng torch): the stream the training forwards draw their dropout masks from, snapshot by
+// snapshot as the reference loop does (nullptr: the counter hash of seed, epoch and snapshot).
 TemporalRunResult train_temporal(DIFFormer& model, const std::vector<ModelInput>& in, const std::vector<Mat>& y,
                                  const TemporalSplit& split, const TemporalOptions& opt, std::uint64_t seed,
-                                 const std::function<void(const TemporalEpochReport&)>& progress = {});
+                                 const std::function<void(const TemporalEpochReport&)>& progress = {},
+                                 TorchCpuGenerator* torch_dropout = nullptr);
 
 }  // namespace dfm

@@ -22,8 +22,9 @@ namespace {
 class CpuBackend final : public NodeTrainBackend {
  public:
   CpuBackend(DIFFormer& model, const ModelInput& in, const std::vector<std::int64_t>& y, const Split& split,
-             const AdamOptions& adam)
+             const AdamOptions& adam, TorchCpuGenerator* torch_dropout)
       : model_(model), in_(in), y_(y), split_(split), adam_(adam) {
+    state_.torch_dropout = torch_dropout;
     // The loss reads the training rows' logits, the metrics the three splits': the model's last
     // layer then runs on those rows alone.
     train_rows_ = sorted_distinct({&split.train});
@@ -100,8 +101,8 @@ class CudaBackend final : public NodeTrainBackend {
 
 std::unique_ptr<NodeTrainBackend> make_cpu_backend(DIFFormer& model, const ModelInput& in,
                                                    const std::vector<std::int64_t>& y, const Split& split,
-                                                   const AdamOptions& adam) {
-  return std::make_unique<CpuBackend>(model, in, y, split, adam);
+                                                   const AdamOptions& adam, TorchCpuGenerator* torch_dropout) {
+  return std::make_unique<CpuBackend>(model, in, y, split, adam, torch_dropout);
 }
 
 std::unique_ptr<NodeTrainBackend> make_cuda_backend(const DIFFormer& model, const ModelInput& in,

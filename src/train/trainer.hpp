@@ -57,9 +57,12 @@ class NodeTrainBackend {
 };
 
 // `model` must be initialised; the backends keep references to model, in, y and split.
+// torch_dropout (--rng torch): the stream the training forwards draw their dropout masks from
+// (kept by reference; nullptr: the counter hash of each step's dropout seed).
 std::unique_ptr<NodeTrainBackend> make_cpu_backend(DIFFormer& model, const ModelInput& in,
                                                    const std::vector<std::int64_t>& y, const Split& split,
-                                                   const AdamOptions& adam);
+                                                   const AdamOptions& adam,
+                                                   TorchCpuGenerator* torch_dropout = nullptr);
 // Uploads model's parameters, the input, labels and training rows once. precision: fp32|tf32|bf16
 // (cuda::DeviceOptions::precision). Throws "built without CUDA" / "no device" where there is none.
 std::unique_ptr<NodeTrainBackend> make_cuda_backend(const DIFFormer& model, const ModelInput& in,

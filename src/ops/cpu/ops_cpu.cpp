@@ -296,14 +296,24 @@ void dropout_fwd_range(float* x, std::uint8_t* keep, Index begin, Index end, flo
   }
 }
 
-void dropout_bwd(Mat& dx, float p, const std::vector<std::uint8_t>& keep) {
+void dropout_apply(Mat& x, float p, const std::vector<std::uint8_t>& keep, const std::vector<Index>* rows) {
+  DFM_ASSERT(keep.size() == static_cast<size_t>(x.size()));
   const float scale = p < 1.0f ? 1.0f / (1.0f - p) : 0.0f;
-  float* pd = dx.data();
+  float* px = x.data();
   const std::uint8_t* kp = keep.data();
-  const Index n = dx.size();
+  if (rows) {
+    const Index d = x.cols(), m = static_cast<Index>(rows->size());
+#pragma omp parallel for schedule(static) if (m * d > 65536)
+    for (Index k = 0; k < m; ++k)
+      for (Index i = (*rows)[k] * d, end = i + d; i < end; ++i) px[i] = kp[i] ? px[i] * scale : 0.0f;
+    return;
+  }
+  const Index n = x.size();
 #pragma omp parallel for simd schedule(static) if (n > 65536)
-  for (Index i = 0; i < n; ++i) pd[i] = kp[i] ? pd[i] * scale : 0.0f;
+  for (Index i = 0; i < n; ++i) px[i] = kp[i] ? px[i] * scale : 0.0f;
 }
+
+void dropout_bwd(Mat& dx, float p, const std::vector<std::uint8_t>& keep) { dropout_apply(dx, p, keep); }
 
 // ---- DIFFormer-s -------------------------------------------------------------------------
 namespace {

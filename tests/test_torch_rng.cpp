@@ -8,6 +8,7 @@
 #include "data/npz.hpp"
 #include "model/difformer.hpp"
 #include "test_util.hpp"
+#include "train/trainer.hpp"
 
 namespace dfm {
 namespace {
@@ -118,6 +119,41 @@ void check_model(const std::string& kind, bool restrict_rows) {
   state2.torch_dropout = &gen;
   model.forward(in, true, 0, &state2, logits);
   EXPECT_LE(test::rel_err(logits, z.at(pre + "logits2").to_mat("logits2")), 1e-5) << kind << " logits2";
+}
+
+// The training step of `train --rng torch` (the CPU backend) draws its masks from the stream it is
+// given, not from the dropout seed: its loss is the reference forward's.
+TEST(TorchRng, CpuTrainStepDrawsFromTheStream) {
+  const Npz& z = fixture();
+  const Mat x = z.at("x").to_mat("x");
+  const auto y = z.at("y").to_i64("y");
+  const auto ei = z.at("edge_index").to_i64("edge_index");
+  const Index n = x.rows(), e = static_cast<Index>(ei.size() / 2);
+  std::vector<std::int64_t> src(ei.begin(), ei.begin() + e), dst(ei.begin() + e, ei.end());
+  const GraphOp graph = make_graph_op<float>(n, src, dst);
+  ModelInput in;
+  in.dense = &x;
+  in.graph = &graph;
+  Split split;
+  split.train = z.at("train_idx").to_i64("train_idx");
+  split.val = {1, 2};
+  split.test = {4, 5};
+  ModelConfig cfg;
+  cfg.in_features = x.cols();
+  cfg.hidden = 8;
+  cfg.out_features = 3;
+  cfg.layers = 2;
+  cfg.use_weight = false;
+  cfg.dropout = 0.3f;
+  DIFFormer model(cfg);
+  TorchCpuGenerator gen(static_cast<std::uint64_t>(z.at("model_simple_seed").to_i64("seed")[0]));
+  model.init_torch(gen);
+  auto backend = make_cpu_backend(model, in, y, split, AdamOptions{}, &gen);
+  const float loss = backend->step(12345);
+  const Mat ref = z.at("model_simple_logits1").to_mat("logits1");
+  Mat dref;
+  const float ref_loss = cpu::cross_entropy(ref, y, split.train, dref);
+  EXPECT_NEAR(loss, ref_loss, 1e-5 * ref_loss);
 }
 
 TEST(TorchRng, FoldedModelMatchesPyTorchWithDropout) { check_model("simple", false); }

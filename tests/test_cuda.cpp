@@ -700,6 +700,10 @@ std::vector<ModelCase> model_cases() {
   {
     ModelCase m{"no_ln_no_residual", base()};
     m.cfg.use_ln = false, m.cfg.use_residual = false, m.cfg.use_weight = true;
+    // the attention's gradients here are cancellation (see StepsMatch): with the CPU engine on one
+    // thread the H200 measured 1.04e-4 and 1.06e-4 (convs.1.Wk.bias, convs.1.Wq.weight, step 0),
+    // on 2 and 16 threads every tensor below 1e-4
+    m.grad_tol = 2e-4;
     cs.push_back(m);
   }
   {
@@ -878,10 +882,9 @@ TEST(CudaModel, RejectsBadInput) {
 // `difformer train --device cuda`: the shared protocol (train_node_classifier over a backend) on
 // Cora with the GPU backend against the CPU backend, from the same initial weights and with the
 // same dropout masks. The two are the same computation in a different float summation order, so
-// they agree step for step until roundoff is amplified by training itself (on the H200 this run's
-// loss jumps at epoch ~32 and the trajectories then drift apart by 1e-3..1e-2): the first 20
-// epochs' losses within 1e-4 relative and accuracies within half a point; after that the losses
-// within 2% and the accuracies within 2 points; the best-validation selection alike within 2 points.
+// they agree step for step until roundoff is amplified by training itself: the first 20 epochs'
+// losses within 1e-4 relative and accuracies within half a point; after that the losses within 2%
+// and the accuracies within 2 points; the best-validation selection alike within 2 points.
 TEST(CudaTrain, CoraEpochsMatchCpu) {
   SKIP_WITHOUT_GPU();
   Dataset d = load_node_dataset(test::source_path("data/cora.npz"));
@@ -901,7 +904,11 @@ TEST(CudaTrain, CoraEpochsMatchCpu) {
   const Split split = load_split_file(test::source_path("data/splits/cora_random10.npz"), 0, d.n);
   TrainOptions opt;
   opt.epochs = 40;
-  opt.adam = AdamOptions{5e-3f, 5e-4f};
+  // lr 2e-3: the run learns smoothly (validation 0.73 at epoch 40). At 5e-3 its loss dropped
+  // abruptly near epoch 32, where the float summation order decides the trajectory: there the CPU
+  // engine on 16 threads and the GPU parted by 35 points of training accuracy on the H200, and the
+  // CPU engine on 1 thread and on 16 finished 3.5 test points apart.
+  opt.adam = AdamOptions{2e-3f, 5e-4f};
   std::vector<EpochReport> rc, rg;
   DIFFormer a(cfg), b(cfg);
   std::mt19937_64 ra(7), rb(7);

@@ -545,12 +545,6 @@ TEST(CudaOps, AdamMatchesCpu) {
 }
 
 // ---- the GPU model -----------------------------------------------------------------------------------
-std::string fixture_name(std::string param) {
-  std::string out;
-  for (char c : param) out += c == '.' ? std::string("__") : std::string(1, c);
-  return out;
-}
-
 class CudaFixture : public ::testing::TestWithParam<std::string> {};
 
 void run_fixture_gpu(const std::string& file, bool sparse_input) {
@@ -570,7 +564,7 @@ void run_fixture_gpu(const std::string& file, bool sparse_input) {
   DIFFormer model(cfg);
   for (size_t s = 0; s < model.params.slots.size(); ++s) {
     const auto& slot = model.params.slots[s];
-    const std::string name = fixture_name(slot.name);
+    const std::string name = test::fixture_name(slot.name);
     const Mat p = z.at(name).to_mat(name);
     ASSERT_EQ(p.size(), slot.size()) << slot.name;
     model.params.mat(static_cast<int>(s)) = Eigen::Map<const Mat>(p.data(), slot.rows, slot.cols);
@@ -613,7 +607,7 @@ void run_fixture_gpu(const std::string& file, bool sparse_input) {
   gm.download_params(got);
   for (size_t s = 0; s < got.slots.size(); ++s) {
     const auto& slot = got.slots[s];
-    const std::string name = "grad__" + fixture_name(slot.name);
+    const std::string name = "grad__" + test::fixture_name(slot.name);
     const MatD ref = z.at(name).to_matd(name);
     const MatD gg = Eigen::Map<const Mat>(got.grads.data() + slot.offset, ref.rows(), ref.cols()).cast<double>();
     EXPECT_LE(rel_err(gg, ref), kGemm) << file << " " << name << " |ref| = " << ref.norm();
@@ -622,7 +616,7 @@ void run_fixture_gpu(const std::string& file, bool sparse_input) {
   gm.download_params(got);
   for (size_t s = 0; s < got.slots.size(); ++s) {
     const auto& slot = got.slots[s];
-    const std::string name = "adam1__" + fixture_name(slot.name);
+    const std::string name = "adam1__" + test::fixture_name(slot.name);
     const MatD ref = z.at(name).to_matd(name);
     const MatD pv = Eigen::Map<const Mat>(got.values.data() + slot.offset, ref.rows(), ref.cols()).cast<double>();
     EXPECT_LE(rel_err(pv, ref), kGemm) << file << " " << name;

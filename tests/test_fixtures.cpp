@@ -14,12 +14,6 @@ namespace {
 
 constexpr double kTol = 1e-4;
 
-std::string fixture_name(std::string param) {  // "convs.0.Wq.weight" -> "convs__0__Wq__weight"
-  std::string out;
-  for (char c : param) out += c == '.' ? std::string("__") : std::string(1, c);
-  return out;
-}
-
 class Fixture : public ::testing::TestWithParam<std::string> {};
 
 void run_fixture(const std::string& file, bool sparse_input, bool allow_folded = true) {
@@ -40,7 +34,7 @@ void run_fixture(const std::string& file, bool sparse_input, bool allow_folded =
   DIFFormer model(cfg);
   for (size_t s = 0; s < model.params.slots.size(); ++s) {
     const auto& slot = model.params.slots[s];
-    const std::string name = fixture_name(slot.name);
+    const std::string name = test::fixture_name(slot.name);
     const Mat p = z.at(name).to_mat(name);
     ASSERT_EQ(p.size(), slot.size()) << slot.name;
     model.params.mat(static_cast<int>(s)) = Eigen::Map<const Mat>(p.data(), slot.rows, slot.cols);
@@ -81,7 +75,7 @@ void run_fixture(const std::string& file, bool sparse_input, bool allow_folded =
   model.backward(in, state, dlogits);
   for (size_t s = 0; s < model.params.slots.size(); ++s) {
     const auto& slot = model.params.slots[s];
-    const std::string name = "grad__" + fixture_name(slot.name);
+    const std::string name = "grad__" + test::fixture_name(slot.name);
     const MatD ref = z.at(name).to_matd(name);
     const MatD got = Eigen::Map<const Mat>(model.params.grads.data() + slot.offset, ref.rows(), ref.cols())
                          .cast<double>();
@@ -92,7 +86,7 @@ void run_fixture(const std::string& file, bool sparse_input, bool allow_folded =
   adam.step(model.params);
   for (size_t s = 0; s < model.params.slots.size(); ++s) {
     const auto& slot = model.params.slots[s];
-    const std::string name = "adam1__" + fixture_name(slot.name);
+    const std::string name = "adam1__" + test::fixture_name(slot.name);
     const MatD ref = z.at(name).to_matd(name);
     const MatD got = Eigen::Map<const Mat>(model.params.values.data() + slot.offset, ref.rows(), ref.cols())
                          .cast<double>();

@@ -18,12 +18,6 @@ const Npz& fixture() {
   return z;
 }
 
-std::string fixture_name(const std::string& param) {  // "convs.0.Wq.weight" -> "convs__0__Wq__weight"
-  std::string out;
-  for (char c : param) out += c == '.' ? std::string("__") : std::string(1, c);
-  return out;
-}
-
 TEST(TorchRng, LinearInitIsPyTorchsBitForBit) {
   for (auto [seed, in, out] : {std::tuple{0, 4, 4}, {3, 64, 7}, {11, 1433, 16}}) {
     const std::string key = "linear_" + std::to_string(seed) + "_" + std::to_string(in) + "_" + std::to_string(out);
@@ -83,7 +77,7 @@ void check_model(const std::string& kind, bool restrict_rows) {
   model.init_torch(gen);
   for (size_t s = 0; s < model.params.slots.size(); ++s) {
     const auto& slot = model.params.slots[s];
-    const std::string name = pre + "init__" + fixture_name(slot.name);
+    const std::string name = pre + "init__" + test::fixture_name(slot.name);
     const Mat ref = z.at(name).to_mat(name);
     ASSERT_EQ(ref.size(), slot.size()) << name;
     const Eigen::Map<const Mat> got(model.params.ptr(static_cast<int>(s)), ref.rows(), ref.cols());
@@ -109,7 +103,7 @@ void check_model(const std::string& kind, bool restrict_rows) {
   model.backward(in, state, dlogits);
   for (size_t s = 0; s < model.params.slots.size(); ++s) {
     const auto& slot = model.params.slots[s];
-    const std::string name = pre + "grad__" + fixture_name(slot.name);
+    const std::string name = pre + "grad__" + test::fixture_name(slot.name);
     const Mat ref = z.at(name).to_mat(name);
     const Eigen::Map<const Mat> got(model.params.grad_ptr(static_cast<int>(s)), ref.rows(), ref.cols());
     EXPECT_LE(test::rel_err(got, ref), 1e-4) << name << " |ref| = " << ref.norm();

@@ -14,6 +14,13 @@ namespace dfm::test {
 
 inline std::string source_path(const std::string& rel) { return std::string(DIFFORMER_SOURCE_DIR) + "/" + rel; }
 
+// A parameter's array name in the fixture archives: "convs.0.Wq.weight" -> "convs__0__Wq__weight".
+inline std::string fixture_name(const std::string& param) {
+  std::string out;
+  for (char c : param) out += c == '.' ? std::string("__") : std::string(1, c);
+  return out;
+}
+
 // Runs fn, expects a dfm::Error whose message contains every one of `parts`.
 inline void expect_error(const std::function<void()>& fn, const std::vector<std::string>& parts) {
   try {

@@ -21,6 +21,26 @@ struct Case {
 
 class SimpleFused : public ::testing::TestWithParam<Case> {};
 
+// x [n, f], standard normal draws from one seeded stream.
+Mat normal_features(Index n, Index f, std::uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<float> g(0.0f, 1.0f);
+  Mat x(n, f);
+  for (Index i = 0; i < x.size(); ++i) x.data()[i] = g(rng);
+  return x;
+}
+
+// Node i receives from itself and from nodes (7i + 3) mod n and (13i + 1) mod n.
+GraphOp three_source_graph(Index n) {
+  std::vector<std::int64_t> src, dst;
+  for (Index i = 0; i < n; ++i)
+    for (Index e : {i, (i * 7 + 3) % n, (i * 13 + 1) % n}) {
+      src.push_back(e);
+      dst.push_back(i);
+    }
+  return make_graph_op<float>(n, src, dst);
+}
+
 // h [n, d] and the projections of `heads` heads, drawn from one seeded stream (randm draws more).
 struct RandomLayer {
   std::mt19937_64 rng;
@@ -161,10 +181,7 @@ TEST(SimpleFusedModel, SameLogitsAndGradientsAsPlainPath) {
     cfg.graph_weight = variant >= 4 ? 0.4f : -1.0f;
     cfg.dropout = 0.3f;
     const Index n = 90;
-    std::mt19937_64 rng(7);
-    std::normal_distribution<float> g(0.0f, 1.0f);
-    Mat x(n, cfg.in_features);
-    for (Index i = 0; i < x.size(); ++i) x.data()[i] = g(rng);
+    const Mat x = normal_features(n, cfg.in_features, 7);
     std::vector<std::int64_t> src, dst, y(n), all(n);
     for (Index i = 0; i < n; ++i) {
       src.push_back(i);
@@ -213,24 +230,17 @@ TEST(SimpleFusedModel, LogitsOnChosenRowsMatchFullForward) {
     cfg.layers = 3;
     cfg.dropout = 0.3f;
     const Index n = 700;
-    std::mt19937_64 rng(17);
-    std::normal_distribution<float> g(0.0f, 1.0f);
-    Mat x(n, cfg.in_features);
-    for (Index i = 0; i < x.size(); ++i) x.data()[i] = g(rng);
-    std::vector<std::int64_t> src, dst, y(n), rows64;
+    const Mat x = normal_features(n, cfg.in_features, 17);
+    std::vector<std::int64_t> y(n), rows64;
     std::vector<Index> rows;
     for (Index i = 0; i < n; ++i) {
-      for (Index e : {i, (i * 7 + 3) % n, (i * 13 + 1) % n}) {
-        src.push_back(e);
-        dst.push_back(i);
-      }
       y[i] = i % cfg.out_features;
       if (i % 5 == 2 || (i > 300 && i < 330)) {
         rows.push_back(i);
         rows64.push_back(i);
       }
     }
-    const GraphOp graph = make_graph_op<float>(n, src, dst);
+    const GraphOp graph = three_source_graph(n);
     ModelInput in;
     in.dense = &x;
     in.graph = &graph;
@@ -275,20 +285,13 @@ TEST(Determinism, HeapLayoutDoesNotChangeTraining) {
   cfg.layers = 2;
   cfg.dropout = 0.2f;
   const Index n = 300;
-  std::mt19937_64 rng(5);
-  std::normal_distribution<float> g(0.0f, 1.0f);
-  Mat x(n, cfg.in_features);
-  for (Index i = 0; i < x.size(); ++i) x.data()[i] = g(rng);
-  std::vector<std::int64_t> src, dst, y(n), all(n);
+  const Mat x = normal_features(n, cfg.in_features, 5);
+  std::vector<std::int64_t> y(n), all(n);
   for (Index i = 0; i < n; ++i) {
-    for (Index e : {i, (i * 7 + 3) % n, (i * 13 + 1) % n}) {
-      src.push_back(e);
-      dst.push_back(i);
-    }
     y[i] = i % cfg.out_features;
     all[i] = i;
   }
-  const GraphOp graph = make_graph_op<float>(n, src, dst);
+  const GraphOp graph = three_source_graph(n);
   ModelInput in;
   in.dense = &x;
   in.graph = &graph;
